@@ -1,0 +1,227 @@
+"""Convert a Hugging Face Command R7B checkpoint to GGUF (`r7b convert`).
+
+Tensors stream one at a time from memory-mapped safetensors into the GGUF writer, so peak memory
+stays near the largest tensor. Norm weights stay F32 as llama.cpp expects; matrices take the
+requested type. The project's three chat templates are embedded so any GGUF runtime renders the
+prompt correctly.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+from tqdm import tqdm
+
+from r7b.errors import R7BError
+from r7b.fsutil import atomic_output, check_output_path
+
+from .checkpoint import Cohere2Arch, TensorRef, bf16_to_f32, f32_to_bf16, read_arch, read_tensor, tensor_refs
+from .hub import is_hub_id, resolve_checkpoint
+from .vocab import PRE_TOKENIZER, checkpoint_templates, read_vocab
+
+ARCH = "cohere2"
+OUTTYPES = {
+    "f32": gguf.LlamaFileType.ALL_F32,
+    "f16": gguf.LlamaFileType.MOSTLY_F16,
+    "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+}
+LAYER_TENSORS = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor: its source, GGUF name and storage type."""
+
+    ref: TensorRef
+    name: str
+    qtype: gguf.GGMLQuantizationType
+
+
+def expected_shapes(arch: Cohere2Arch) -> dict[str, tuple[int, ...]]:
+    """HF tensor names with their shapes (rows, cols) as transformers stores them."""
+    h, ff, hd = arch.hidden_size, arch.intermediate_size, arch.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (arch.vocab_size, h), "model.norm.weight": (h,)}
+    per_layer = {
+        "input_layernorm": (h,),
+        "self_attn.q_proj": (arch.num_heads * hd, h),
+        "self_attn.k_proj": (arch.num_kv_heads * hd, h),
+        "self_attn.v_proj": (arch.num_kv_heads * hd, h),
+        "self_attn.o_proj": (h, arch.num_heads * hd),
+        "mlp.gate_proj": (ff, h),
+        "mlp.up_proj": (ff, h),
+        "mlp.down_proj": (h, ff),
+    }
+    for i in range(arch.num_layers):
+        for key, shape in per_layer.items():
+            shapes[f"model.layers.{i}.{key}.weight"] = shape
+    return shapes
+
+
+def gguf_name(hf_name: str) -> str:
+    if hf_name == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if hf_name == "model.norm.weight":
+        return "output_norm.weight"
+    _, _, layer, rest = hf_name.split(".", 3)
+    return f"blk.{layer}.{LAYER_TENSORS[rest.removesuffix('.weight')]}.weight"
+
+
+def plan_tensors(arch: Cohere2Arch, refs: dict[str, TensorRef], outtype: str) -> list[PlannedTensor]:
+    """Check names and shapes against the architecture before writing a byte."""
+    if not arch.tied_embeddings or "lm_head.weight" in refs:
+        raise R7BError("untied output embeddings (lm_head.weight) are not supported: llama.cpp's cohere2 ties them")
+    expected = expected_shapes(arch)
+    unexpected = [n for n in refs if n not in expected and not n.endswith(IGNORED_SUFFIXES)]
+    if unexpected:
+        raise R7BError(f"unexpected tensor {unexpected[0]} ({len(unexpected)} in all): not a Cohere2 checkpoint?")
+    plan = []
+    for name, shape in expected.items():
+        ref = refs.get(name)
+        if ref is None:
+            raise R7BError(f"missing tensor {name}")
+        if ref.shape != shape:
+            raise R7BError(f"tensor {name} has shape {list(ref.shape)}, expected {list(shape)} from config.json")
+        qtype = gguf.GGMLQuantizationType.F32 if len(shape) == 1 else _matrix_type(outtype)
+        plan.append(PlannedTensor(ref, gguf_name(name), qtype))
+    return plan
+
+
+def _matrix_type(outtype: str) -> gguf.GGMLQuantizationType:
+    return {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+            "bf16": gguf.GGMLQuantizationType.BF16}[outtype]
+
+
+def convert_tensor(data: np.ndarray, source_dtype: str, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """Cast one tensor; refuse values that overflow F16 rather than writing infinities."""
+    if qtype == gguf.GGMLQuantizationType.BF16:
+        return np.asarray(data) if source_dtype == "BF16" else f32_to_bf16(np.asarray(data, dtype=np.float32))
+    values = bf16_to_f32(np.asarray(data)) if source_dtype == "BF16" else np.asarray(data, dtype=np.float32)
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return values
+    out = values.astype(np.float16)
+    if not np.isfinite(out).all() and np.isfinite(values).all():
+        raise R7BError("a weight overflows F16; convert with --outtype bf16 or f32")
+    return out
+
+
+def add_metadata(writer: gguf.GGUFWriter, arch: Cohere2Arch, outtype: str, name: str, source: str) -> None:
+    writer.add_name(name)
+    if is_hub_id(source):
+        writer.add_source_repo_url(f"https://huggingface.co/{source}")
+    writer.add_file_type(int(OUTTYPES[outtype]))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_vocab_size(arch.vocab_size)
+    writer.add_context_length(arch.context_length)
+    writer.add_embedding_length(arch.hidden_size)
+    writer.add_feed_forward_length(arch.intermediate_size)
+    writer.add_block_count(arch.num_layers)
+    writer.add_head_count(arch.num_heads)
+    writer.add_head_count_kv(arch.num_kv_heads)
+    writer.add_key_length(arch.head_dim)
+    writer.add_value_length(arch.head_dim)
+    writer.add_rope_freq_base(arch.rope_theta)
+    writer.add_rope_dimension_count(arch.rope_dim)
+    writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+    writer.add_layer_norm_eps(arch.layer_norm_eps)
+    writer.add_logit_scale(arch.logit_scale)
+    writer.add_sliding_window(arch.sliding_window)
+
+
+def add_tokenizer(writer: gguf.GGUFWriter, folder: Path, arch: Cohere2Arch) -> None:
+    vocab = read_vocab(folder, arch.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(PRE_TOKENIZER)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    writer.add_token_merges(vocab.merges)
+    for setter, value in ((writer.add_bos_token_id, vocab.bos_id), (writer.add_eos_token_id, vocab.eos_id),
+                          (writer.add_pad_token_id, vocab.pad_id), (writer.add_unk_token_id, vocab.unk_id)):
+        if value is not None:
+            setter(value)
+    writer.add_add_bos_token(vocab.add_bos)
+    writer.add_add_eos_token(vocab.add_eos)
+    templates = chat_templates(folder)
+    if templates:
+        writer.add_chat_template(templates)
+
+
+def chat_templates(folder: Path) -> list[dict[str, str]]:
+    """The project's own templates; the checkpoint's only if the project's cannot be loaded."""
+    try:
+        from r7b.templates import TEMPLATE_NAMES, template_source
+    except ImportError:
+        return checkpoint_templates(folder)
+    return [{"name": n, "template": template_source(n)} for n in TEMPLATE_NAMES]
+
+
+def default_output(source: str, outtype: str) -> Path:
+    return Path(f"{Path(source.rstrip('/')).name}-{outtype.upper()}.gguf")
+
+
+def convert(source: str, output: str | Path | None = None, *, outtype: str = "f16", force: bool = False,
+            progress: bool = True, revision: str | None = None) -> Path:
+    """Convert `source` (folder or hub id) to a GGUF file at `output`; returns the path written."""
+    if outtype not in OUTTYPES:
+        raise R7BError(f"unknown --outtype {outtype!r}; choose from {', '.join(OUTTYPES)}")
+    out = Path(output) if output else default_output(source, outtype)
+    check_output_path(out, force=force)
+    folder = resolve_checkpoint(source, revision=revision)
+    arch = read_arch(folder)
+    plan = plan_tensors(arch, tensor_refs(folder), outtype)
+    with atomic_output(out, force=force) as tmp:
+        writer = gguf.GGUFWriter(tmp, ARCH)
+        add_metadata(writer, arch, outtype, Path(source.rstrip("/")).name, source)
+        add_tokenizer(writer, folder, arch)
+        for item in plan:
+            nbytes = int(np.prod(item.ref.shape)) * (4 if item.qtype == gguf.GGMLQuantizationType.F32 else 2)
+            writer.add_tensor_info(item.name, item.ref.shape, _np_dtype(item.qtype), nbytes,
+                                   raw_dtype=item.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        total = sum(p.ref.nbytes for p in plan)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
+            for item in plan:
+                data = convert_tensor(read_tensor(item.ref), item.ref.dtype, item.qtype)
+                writer.write_tensor_data(data)
+                bar.update(item.ref.nbytes)
+        writer.close()
+    return out
+
+
+def _np_dtype(qtype: gguf.GGMLQuantizationType):
+    return {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16,
+            gguf.GGMLQuantizationType.BF16: np.uint16}[qtype]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("convert", help="convert a Hugging Face checkpoint (folder or hub id) to GGUF",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("source", metavar="SRC", help="checkpoint folder or hub id, e.g. CohereLabs/c4ai-command-r7b-12-2024")
+    p.add_argument("-o", "--output", metavar="OUT.gguf", help="output file (default: NAME-OUTTYPE.gguf here)")
+    p.add_argument("--outtype", choices=sorted(OUTTYPES), default="f16", help="type of the matrices (default f16)")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    out = convert(args.source, args.output, outtype=args.outtype, force=args.force,
+                  progress=not args.quiet, revision=args.revision)
+    print(out)
+    return 0
