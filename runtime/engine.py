@@ -219,15 +219,20 @@ class Engine:
         """Logits of the last evaluated token (a view into llama.cpp's buffer)."""
         return llama_cpp.llama_get_logits_ith(self._ctx, -1)
 
-    def generate(self, sampling: Sampling, max_tokens: int, stop_ids: frozenset[int] = frozenset()) -> Iterator[int]:
-        """Sample up to max_tokens after a prefill; yields each token, ends after a stop/EOG token."""
+    def generate(self, sampling: Sampling, max_tokens: int, stop_ids: frozenset[int] = frozenset(),
+                 ignore_eog: bool = False) -> Iterator[int]:
+        """Sample up to max_tokens after a prefill; yields each token, ends after a stop/EOG token.
+
+        `ignore_eog` keeps going past end-of-generation tokens, so a benchmark always produces
+        `max_tokens` (stop_ids still apply).
+        """
         sampler = self._sampler(sampling)
         try:
             room = self.n_ctx - len(self.cached)
             for _ in range(min(max_tokens, room)):
                 tok = llama_cpp.llama_sampler_sample(sampler, self._ctx, -1)
                 yield tok
-                if tok in stop_ids or llama_cpp.llama_vocab_is_eog(self._vocab, tok):
+                if tok in stop_ids or (not ignore_eog and llama_cpp.llama_vocab_is_eog(self._vocab, tok)):
                     return
                 self._token_buf[0] = tok
                 if llama_cpp.llama_decode(self._ctx, llama_cpp.llama_batch_get_one(self._token_buf, 1)) != 0:

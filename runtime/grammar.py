@@ -26,6 +26,11 @@ def _literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def _strict_strings(grammar: str) -> str:
+    """JSON strings without raw control characters or special-token text (which would end generation)."""
+    return grammar.replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F<] | "<" [^"\\\\\\x7F\\x00-\\x1F|A-Z] |')
+
+
 def _tool_function(tool: Any) -> dict:
     if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict) or "name" not in tool["function"]:
         raise R7BError("each tool must look like {'type': 'function', 'function': {'name': ..., 'parameters': ...}}")
@@ -55,7 +60,7 @@ def tool_call_grammar(tools: list, *, allow_thinking: bool = True, only: str | N
         r'call ::= "    {\"tool_call_id\": \"" [0-9]{1,4} "\"" call-body "}"',
         "call-body ::= " + " | ".join(f"( {alt} )" for alt in alternatives),
     ]
-    return "\n".join(rules) + "\n" + conv.format_grammar()
+    return "\n".join(rules) + "\n" + _strict_strings(conv.format_grammar())
 
 
 def json_response_grammar(schema: dict | None = None, *, response_open: bool = True) -> str:
@@ -67,4 +72,4 @@ def json_response_grammar(schema: dict | None = None, *, response_open: bool = T
     conv = _converter()
     body = conv.visit(schema if schema is not None else {"type": "object"}, "answer")
     head = '"<|START_RESPONSE|>" ' if response_open else ""
-    return f'root ::= {head}{body} "<|END_RESPONSE|>"\n' + conv.format_grammar()
+    return f'root ::= {head}{body} "<|END_RESPONSE|>"\n' + _strict_strings(conv.format_grammar())

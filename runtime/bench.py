@@ -1,0 +1,699 @@
+"""`r7b bench`: prefill and decode speed, time to first token and memory, against bare llama.cpp.
+
+Each figure is measured twice in the same run: through the project's real per-token path
+(`Engine.prefill`, `Engine.generate`, `TextStream`; optionally `Model.chat` streaming) and
+through `bench_raw.RawLoop`, a minimal loop on llama.cpp's C API. For speed both sides run in one
+process on the same loaded weights, each with its own context, and take turns (r7b, raw, raw,
+r7b, ...) so that machine drift hits both alike; rounds that other processes disturbed (a shared
+machine) are run again. Peak RSS comes from one process per side.
+Figures are medians with their range over the repeats; the r7b/raw ratio (the median of the
+per-round ratios) is what the Python layer costs (1.0 = nothing).
+
+Test names follow llama-bench: pp512 is prefill of 512 tokens, tg128 is generating 128 tokens
+(here right after that prompt, so at depth 512). Prompts are seeded random ids from the
+vocabulary without control tokens, starting with BOS; generation ignores end-of-generation
+tokens, so every run produces exactly the tokens asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import json
+import multiprocessing as mp
+import os
+import re
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from r7b.errors import R7BError
+
+from .memory import MIB, ModelShape, n_global_layers, pad, tensor_bytes
+
+Clock = Callable[[], float]
+TIMED = ("pp_tps", "tg_tps", "ttft_s")
+METRICS = (*TIMED, "peak_rss_bytes", "kv_bytes")
+N_BATCH = 512
+WARMUP = (16, 4)  # prompt and generated tokens of the unrecorded first run
+MEM_REPEAT = 3  # runs per side for peak RSS (it hardly varies)
+MEM_GEN = 8  # the prompt's batch touches every buffer; decoding allocates nothing more
+QUIET_SHARE, QUIET_SLACK_S = 0.2, 0.03  # a run counts if others used <= 0.2 cores (+ /proc/stat's 10 ms ticks)
+SEED = 1234
+
+
+# -- arithmetic ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Timing:
+    """Clock readings of one run: start, prompt evaluated, first token out, last token decoded."""
+
+    n_prompt: int
+    n_gen: int
+    t_start: float
+    t_prefilled: float
+    t_first: float
+    t_end: float
+
+    @property
+    def pp_tps(self) -> float:
+        return self.n_prompt / (self.t_prefilled - self.t_start)
+
+    @property
+    def tg_tps(self) -> float:
+        """Sampling and decoding, token by token, after the prompt."""
+        return self.n_gen / (self.t_end - self.t_prefilled)
+
+    @property
+    def ttft_s(self) -> float:
+        return self.t_first - self.t_start
+
+    def rates(self) -> dict[str, float]:
+        return {"pp_tps": self.pp_tps, "tg_tps": self.tg_tps, "ttft_s": self.ttft_s}
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Median and range of one figure over the repeats."""
+
+    median: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> "Spread":
+        if not samples:
+            raise ValueError("no samples")
+        return cls(statistics.median(samples), min(samples), max(samples))
+
+
+def summarize(runs: Sequence[Mapping[str, float]]) -> dict[str, Spread]:
+    """Per-figure spread over runs that all report the same keys."""
+    return {key: Spread.of([run[key] for run in runs]) for key in runs[0]}
+
+
+def ratios(ours: Mapping[str, Spread], base: Mapping[str, Spread]) -> dict[str, float]:
+    """ours/base of the medians, for every figure both have."""
+    return {k: ours[k].median / base[k].median for k in ours if k in base and base[k].median}
+
+
+def paired_ratios(ours: Sequence[Mapping[str, float]], base: Sequence[Mapping[str, float]],
+                  keys: Sequence[str]) -> dict[str, float]:
+    """Median over rounds of ours/base, each run against the one it ran next to.
+
+    On a machine whose speed drifts (a VM's neighbours), this cancels what both runs of a round
+    shared, which a ratio of two medians does not.
+    """
+    return {k: statistics.median(a[k] / b[k] for a, b in zip(ours, base)) for k in keys}
+
+
+def run_once(loop: Any, tokens: Sequence[int], n_gen: int, clock: Clock) -> dict[str, float]:
+    """One measured run of a loop whose `run` returns the four clock readings."""
+    return Timing(len(tokens), n_gen, *loop.run(tokens, n_gen, clock)).rates()
+
+
+# -- bytes a decode step reads -------------------------------------------------------------------
+
+def weight_bytes_per_token(tensor_sizes: Mapping[str, int]) -> int:
+    """Weight bytes one decode step streams from RAM.
+
+    Every matrix is read once per token. The token embedding is only gathered (one row) unless
+    it is also the output projection, as in Cohere2's tied embeddings; then it is read in full.
+    Norm vectors are counted too; they are a rounding error.
+    """
+    sizes = dict(tensor_sizes)
+    if "output.weight" in sizes:
+        sizes.pop("token_embd.weight", None)
+    return sum(sizes.values())
+
+
+def kv_bytes_read(shape: ModelShape, depth: int, kv_type: str = "f16") -> int:
+    """K and V bytes attention reads for one new token at `depth`: sliding layers see at most the window."""
+    n_global = n_global_layers(shape.n_layers, shape.swa_pattern) if shape.sliding_window else shape.n_layers
+    window = min(depth, shape.sliding_window) if shape.sliding_window else depth
+    row = tensor_bytes((shape.n_kv_heads * shape.head_dim,), kv_type)
+    return 2 * row * (n_global * depth + (shape.n_layers - n_global) * window)
+
+
+def decode_gbs(bytes_per_token: float, tokens_per_s: float) -> float:
+    """Achieved memory traffic of decoding, GB/s (10^9 bytes)."""
+    return bytes_per_token * tokens_per_s / 1e9
+
+
+def utilisation(achieved_gbs: float, limit_gbs: float) -> float:
+    return achieved_gbs / limit_gbs
+
+
+def best_time(fn: Callable[[], Any], repeat: int, clock: Clock = time.perf_counter) -> float:
+    """Shortest of `repeat` timed calls: the run least disturbed by anything else."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = clock()
+        fn()
+        best = min(best, clock() - t0)
+    return best
+
+
+def memory_bandwidth(threads: int, size: int = 1 << 30, repeat: int = 5) -> dict[str, float]:
+    """The machine's streaming read and copy bandwidth in GB/s, best of `repeat`, over `threads` threads.
+
+    Read is a bitwise-OR reduction over uint64 (the least work per byte numpy offers); copy counts
+    bytes read plus bytes written, as STREAM does. Both arrays are touched first, so no page faults
+    are timed.
+    """
+    import numpy as np
+    from concurrent.futures import ThreadPoolExecutor
+
+    src = np.ones(size // 8, dtype=np.uint64)
+    dst = np.zeros_like(src)
+    pairs = list(zip(np.array_split(src, threads), np.array_split(dst, threads)))
+    with ThreadPoolExecutor(threads) as pool:
+        read = best_time(lambda: list(pool.map(lambda p: np.bitwise_or.reduce(p[0]), pairs)), repeat)
+        copy = best_time(lambda: list(pool.map(lambda p: np.copyto(p[1], p[0]), pairs)), repeat)
+    return {"threads": threads, "bytes": size, "read_gbs": size / read / 1e9, "copy_gbs": 2 * size / copy / 1e9}
+
+
+def model_shape(path: str | Path) -> ModelShape:
+    """The sizes of a cohere2 GGUF, from its header."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith(("cohere2.", "general."))}
+    meta["tokenizer.ggml.tokens"] = len(reader.fields["tokenizer.ggml.tokens"].data)
+    return ModelShape.from_metadata(meta, name=Path(path).name)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    desc: str
+    size_bytes: int
+    n_params: int
+    bytes_per_token: int  # weights plus the KV cache read at the mean generation depth
+
+
+def model_info(path: str | Path, depth: int) -> ModelInfo:
+    """Sizes from the GGUF header: what one decode step reads at `depth`."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
+    shape = model_shape(path)
+    ftype = gguf.LlamaFileType(int(reader.fields["general.file_type"].contents())).name.removeprefix("MOSTLY_")
+    return ModelInfo(str(path), f"{shape.n_layers}L {shape.hidden}h {ftype}", sum(sizes.values()),
+                     sum(int(t.n_elements) for t in reader.tensors),
+                     weight_bytes_per_token(sizes) + kv_bytes_read(shape, depth))
+
+
+# -- process-level measurements -------------------------------------------------------------------
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's high-water mark of this process's RSS (Linux); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """VmHWM of this process (since the last reset), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def cpu_busy_seconds() -> float:
+    """CPU time all processes have used since boot, from /proc/stat (0.0 where there is none)."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0.0
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def is_quiet(run: Mapping[str, float]) -> bool:
+    """Whether other processes left this run alone: on a shared machine, a busy neighbour stalls one of
+    llama.cpp's threads and every other thread waits for it at the next barrier."""
+    return run["others_s"] <= QUIET_SHARE * run["wall_s"] + QUIET_SLACK_S
+
+
+def wait_for_quiet(timeout_s: float = 10.0, window_s: float = 0.5) -> bool:
+    """Wait (while this process and its idle workers use no CPU) until other processes leave the machine
+    alone for one window; False if they never did within the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        busy, t0 = cpu_busy_seconds(), time.monotonic()
+        time.sleep(window_s)
+        if cpu_busy_seconds() - busy <= QUIET_SHARE * (time.monotonic() - t0) + QUIET_SLACK_S:
+            return True
+    return False
+
+
+@contextmanager
+def llama_log() -> Iterator[list[str]]:
+    """Collect llama.cpp's log lines instead of printing them."""
+    import llama_cpp
+
+    lines: list[str] = []
+    saved_cb, saved_ud = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(saved_cb), ctypes.byref(saved_ud))
+
+    def keep(_level: int, text: bytes | None, _user: Any) -> None:
+        lines.append((text or b"").decode("utf-8", "replace"))
+
+    callback = llama_cpp.llama_log_callback(keep)
+    llama_cpp.llama_log_set(callback, None)
+    try:
+        yield lines
+    finally:
+        llama_cpp.llama_log_set(saved_cb, saved_ud)
+
+
+def kv_bytes_from_log(lines: Sequence[str]) -> int:
+    """The KV cache llama.cpp allocated, summed over its caches (sliding and global)."""
+    found = re.findall(r"llama_kv_cache: size =\s*([\d.]+) MiB", "".join(lines))
+    if not found:
+        raise R7BError("llama.cpp did not report its KV cache size")
+    return round(sum(float(x) for x in found) * MIB)
+
+
+def random_prompt(path: str | Path, n: int, seed: int = SEED) -> list[int]:
+    """BOS, then seeded random ids from the vocabulary, excluding control, unused and unknown tokens."""
+    import llama_cpp
+    import numpy as np
+
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    with llama_log():
+        llama_cpp.llama_backend_init()
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise R7BError(f"llama.cpp could not load {path}")
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        skip = (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNUSED
+                | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN)
+        ok = [t for t in range(llama_cpp.llama_vocab_n_tokens(vocab))
+              if not llama_cpp.llama_vocab_get_attr(vocab, t) & skip]
+        bos = llama_cpp.llama_vocab_bos(vocab)
+    finally:
+        llama_cpp.llama_model_free(model)
+    rng = np.random.default_rng(seed)
+    return [bos] + [int(t) for t in rng.choice(ok, size=n - 1)]
+
+
+# -- the two sides -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Settings:
+    """Context settings both sides share."""
+
+    n_ctx: int
+    n_threads: int
+    n_batch: int = N_BATCH
+    swa_full: bool = False
+
+
+class R7bLoop:
+    """The project's per-token path: Engine.prefill, Engine.generate and TextStream."""
+
+    def __init__(self, path: str | Path, settings: Settings):
+        from .engine import Engine, EngineConfig, Sampling, TextStream
+
+        self.engine = Engine(path, EngineConfig(n_ctx=settings.n_ctx, n_batch=settings.n_batch,
+                                                n_threads=settings.n_threads, kv_type="f16",
+                                                swa_full=settings.swa_full))
+        self.greedy = Sampling(temperature=0.0)
+        self.text_stream = TextStream
+
+    def run(self, tokens: Sequence[int], n_gen: int, clock: Clock) -> tuple[float, float, float, float]:
+        engine = self.engine
+        engine.reset()
+        t_start = clock()
+        engine.prefill(tokens)
+        t_prefilled = t_first = clock()
+        text = self.text_stream(engine)
+        for i, tok in enumerate(engine.generate(self.greedy, n_gen, ignore_eog=True)):
+            text.push(tok)
+            if i == 0:
+                t_first = clock()
+        text.flush()
+        return t_start, t_prefilled, t_first, clock()
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class ChatLoop:
+    """`Model.chat(stream=True)` on the same engine: rendering, parsing and stop scanning included.
+
+    The prompt is the benchmark's tokens as text, cut so that the rendered chat prompt has no
+    more tokens than the raw prompt (same depth for decoding). Chat stops at the end of the turn,
+    so the number of tokens varies and is reported.
+    """
+
+    def __init__(self, engine: Any):
+        from .model import Model
+
+        self.model = Model(engine)
+        self._content: dict[tuple[int, ...], str] = {}
+
+    def _n_prompt(self, content: str) -> int:
+        return len(self.model.tokenize_prompt(self.model.render([{"role": "user", "content": content}])))
+
+    def content(self, tokens: Sequence[int]) -> str:
+        """User text whose chat prompt is as long as `tokens`, or a little shorter."""
+        key = tuple(tokens)
+        if key not in self._content:
+            detok = self.model.engine.detokenize
+            keep = len(tokens) - self._n_prompt("")
+            while keep > 0:
+                over = self._n_prompt(detok(tokens[1:1 + keep])) - len(tokens)
+                if over <= 0:
+                    break
+                keep -= over
+            self._content[key] = detok(tokens[1:1 + max(keep, 0)])
+        return self._content[key]
+
+    def run(self, tokens: Sequence[int], n_gen: int, clock: Clock) -> dict[str, float]:
+        from .model import Done
+
+        content = self.content(tokens)
+        self.model.engine.reset()
+        with token_clock(self.model.engine, clock) as marks:
+            t_start = clock()
+            result = None
+            for event in self.model.chat([{"role": "user", "content": content}], stream=True,
+                                         max_tokens=n_gen, temperature=0.0):
+                if isinstance(event, Done):
+                    result = event.result
+            t_end = clock()
+        usage = result.usage
+        timing = Timing(usage.prompt_tokens, usage.completion_tokens, t_start, marks[0], marks[-1], t_end)
+        return {**timing.rates(), "tokens": float(usage.completion_tokens), "prompt_tokens": float(usage.prompt_tokens)}
+
+
+@contextmanager
+def token_clock(engine: Any, clock: Clock) -> Iterator[list[float]]:
+    """Read the clock when generation starts (prompt evaluated) and at its first token.
+
+    Wraps the engine's `generate` for the duration, so that callers above it (Model.chat,
+    ChatSession) are timed without changes; costs one generator frame per token.
+    """
+    marks: list[float] = []
+    inner = engine.generate
+
+    def timed(*args: Any, **kwargs: Any) -> Iterator[int]:
+        marks.append(clock())
+        for i, tok in enumerate(inner(*args, **kwargs)):
+            if i == 0:
+                marks.append(clock())
+            yield tok
+
+    engine.generate = timed
+    try:
+        yield marks
+    finally:
+        del engine.generate
+
+
+Call = Callable[[Sequence[int], int, Clock], dict]
+
+
+def _open(role: str, path: str, settings: Settings, chat: bool) -> tuple[dict[str, Call], list[Any], dict]:
+    """What a worker runs: measurement calls by name, objects to close, and facts for the parent.
+
+    Role "speed" loads the model once, for the engine, and builds the raw loop's context on those
+    same weights: two copies of one model in different memory can differ in speed by several
+    percent, more than the effect measured. Roles "r7b" and "raw" load one side alone, so the
+    process's peak RSS is that side's.
+    """
+    from .bench_raw import RawLoop
+
+    ctx = dict(n_ctx=settings.n_ctx, n_batch=settings.n_batch, n_threads=settings.n_threads,
+               swa_full=settings.swa_full)
+    calls: dict[str, Call] = {}
+    info: dict[str, Any] = {"no_chat": None}
+    with llama_log() as lines:
+        loop = RawLoop.load(path, **ctx) if role == "raw" else R7bLoop(path, settings)
+        info["kv_bytes"] = kv_bytes_from_log(lines)
+    closers = [loop]
+    calls[role if role != "speed" else "r7b"] = functools.partial(run_once, loop)
+    if role == "speed":
+        raw = RawLoop(loop.engine._model, **ctx)  # the engine's weights, a context of its own
+        closers.insert(0, raw)
+        calls["raw"] = functools.partial(run_once, raw)
+        if chat:
+            try:
+                calls["chat"] = ChatLoop(loop.engine).run
+            except ImportError as exc:
+                info["no_chat"] = f"Model.chat unavailable ({exc})"
+    return calls, closers, info
+
+
+def _serve(conn: Any, role: str, path: str, settings: Settings, chat: bool) -> None:
+    """Worker process: load once, then answer run requests until told to stop."""
+    clock = time.perf_counter
+    try:
+        with llama_log() as lines:
+            calls, closers, info = _open(role, path, settings, chat)
+            conn.send(("ready", info))
+            while (msg := conn.recv()) is not None:
+                op, prompt, n_gen = msg
+                reset_peak_rss()
+                busy, own, t0 = cpu_busy_seconds(), time.process_time(), clock()
+                out = calls[op](prompt, n_gen, clock)
+                wall, others = clock() - t0, (cpu_busy_seconds() - busy) - (time.process_time() - own)
+                conn.send(("ok", {**out, "peak_rss_bytes": float(peak_rss_bytes()), "wall_s": wall,
+                                  "others_s": max(0.0, others)}))
+                lines.clear()
+            for obj in closers:
+                obj.close()
+    except Exception as exc:  # reported to the parent as one line
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+class Worker:
+    """A benchmark process (see `_open` for the roles)."""
+
+    def __init__(self, role: str, path: str | Path, settings: Settings, chat: bool = False):
+        ctx = mp.get_context("spawn")
+        self.role = role
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, role, str(path), settings, chat), daemon=True)
+        self.proc.start()
+        child.close()
+        self.info = self._reply()
+
+    def _reply(self) -> dict[str, Any]:
+        try:
+            status, payload = self.conn.recv()
+        except EOFError:
+            raise R7BError(f"the {self.role} benchmark process died (exit code {self.proc.exitcode})") from None
+        if status == "error":
+            raise R7BError(f"{self.role}: {payload}")
+        return payload
+
+    def run(self, op: str, prompt: Sequence[int], n_gen: int) -> dict[str, float]:
+        self.conn.send((op, prompt, n_gen))
+        return self._reply()
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        self.proc.join(timeout=30)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+    def __enter__(self) -> "Worker":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# -- the comparison ------------------------------------------------------------------------------
+
+@dataclass
+class BenchResult:
+    model: ModelInfo
+    settings: dict[str, Any]
+    r7b: dict[str, Spread]
+    raw: dict[str, Spread]
+    ratio: dict[str, float]  # r7b/raw; chat_tg_tps is Model.chat's decode speed over raw's
+    chat: dict[str, Spread] | None = None
+    chat_note: str | None = None
+    bandwidth: dict[str, float] | None = None
+
+    @property
+    def decode_gbs(self) -> dict[str, float]:
+        return {side: decode_gbs(self.model.bytes_per_token, figs["tg_tps"].median)
+                for side, figs in (("r7b", self.r7b), ("raw", self.raw))}
+
+    def to_json(self) -> dict[str, Any]:
+        spreads = lambda figs: {k: asdict(v) for k, v in figs.items()} if figs else None  # noqa: E731
+        return {"model": asdict(self.model), "settings": self.settings, "r7b": spreads(self.r7b),
+                "raw": spreads(self.raw), "ratio": self.ratio, "decode_gbs": self.decode_gbs,
+                "chat": spreads(self.chat), "chat_note": self.chat_note, "bandwidth": self.bandwidth}
+
+
+def compare(path: str | Path, *, prompt_tokens: int = 512, gen_tokens: int = 128, repeat: int = 5,
+            threads: int | None = None, chat: bool = True, swa_full: bool = False,
+            seed: int = SEED) -> BenchResult:
+    """Speed of r7b and raw in turns on the same prompt, weights and context settings; then each one's memory."""
+    from .engine import default_threads
+
+    if prompt_tokens < 2 or gen_tokens < 1 or repeat < 1:
+        raise R7BError("need --prompt-tokens >= 2, --gen-tokens >= 1 and --repeat >= 1")
+    if not Path(path).is_file():
+        raise R7BError(f"no such model file: {path}")
+    settings = Settings(n_ctx=pad(prompt_tokens + gen_tokens), n_threads=threads or default_threads(),
+                        swa_full=swa_full)
+    tokens = random_prompt(path, prompt_tokens, seed)
+    runs: dict[str, list[dict[str, float]]] = {"r7b": [], "raw": [], "chat": []}
+    with Worker("speed", path, settings, chat) as worker:
+        with_chat = chat and not worker.info["no_chat"]
+        sides = [side for side in runs if side != "chat" or with_chat]
+        for side in sides:
+            worker.run(side, tokens[:WARMUP[0]], WARMUP[1])
+        redone = _take_turns(worker, sides, tokens, gen_tokens, repeat, runs)
+    figures = {side: _figures(runs[side], *memory(path, side, settings, tokens, min(repeat, MEM_REPEAT)))
+               for side in ("r7b", "raw")}
+    ratio = {**paired_ratios(runs["r7b"], runs["raw"], TIMED), **ratios(
+        {k: figures["r7b"][k] for k in ("peak_rss_bytes", "kv_bytes")}, figures["raw"])}
+    if runs["chat"]:
+        ratio["chat_tg_tps"] = paired_ratios(runs["chat"], runs["raw"], ["tg_tps"])["tg_tps"]
+    info = model_info(path, prompt_tokens + gen_tokens // 2)
+    return BenchResult(info, {**asdict(settings), "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
+                              "repeat": repeat, "kv_type": "f16", "seed": seed, "redone": redone},
+                       figures["r7b"], figures["raw"], ratio, _chat_figures(runs["chat"]), worker.info["no_chat"])
+
+
+def _take_turns(worker: Worker, sides: list[str], tokens: Sequence[int], n_gen: int, repeat: int,
+                runs: dict[str, list[dict[str, float]]]) -> int:
+    """`repeat` rounds of one run per side, in alternating order (ABBA: no side always goes first), each
+    started when the machine is quiet; a round that other processes disturbed is run again, at most
+    `repeat` times in all (then disturbed rounds count). Returns how many rounds were run again."""
+    redone = 0
+    while len(runs[sides[0]]) < repeat:
+        order = sides if (len(runs[sides[0]]) + redone) % 2 == 0 else sides[::-1]
+        wait_for_quiet()
+        worker.run(order[0], tokens[:WARMUP[0]], WARMUP[1])  # wake the threads and caches after the wait
+        round_ = {side: worker.run(side, tokens, n_gen) for side in order}
+        if redone < repeat and not all(is_quiet(r) for r in round_.values()):
+            redone += 1
+            continue
+        for side, run in round_.items():
+            runs[side].append(run)
+    return redone
+
+
+def memory(path: str | Path, side: str, settings: Settings, tokens: Sequence[int],
+           repeat: int) -> tuple[list[float], int]:
+    """Peak RSS of runs (the prompt, then a few tokens) in a process holding only `side`, and its KV bytes."""
+    with Worker(side, path, settings) as worker:
+        worker.run(side, tokens[:WARMUP[0]], WARMUP[1])
+        peaks = [worker.run(side, tokens, MEM_GEN)["peak_rss_bytes"] for _ in range(repeat)]
+    return peaks, worker.info["kv_bytes"]
+
+
+def _figures(runs: list[dict[str, float]], peaks: list[float], kv_bytes: int) -> dict[str, Spread]:
+    figs = summarize([{k: run[k] for k in TIMED} for run in runs])
+    return {**figs, "peak_rss_bytes": Spread.of(peaks), "kv_bytes": Spread.of([float(kv_bytes)])}
+
+
+def _chat_figures(runs: list[dict[str, float]]) -> dict[str, Spread] | None:
+    keys = ("pp_tps", "tg_tps", "ttft_s", "tokens", "prompt_tokens")
+    return summarize([{k: run[k] for k in keys} for run in runs]) if runs else None
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+def fmt_spread(s: Spread, scale: float = 1.0, digits: int = 2) -> str:
+    """'123.45 (120.00–125.10)': median and range, like llama-bench's 'avg ± sd' column."""
+    return f"{s.median * scale:.{digits}f} ({s.min * scale:.{digits}f}–{s.max * scale:.{digits}f})"
+
+
+def _rows(result: BenchResult) -> Iterator[tuple[str, str, float, int]]:
+    """(label, metric, scale, digits) of the table rows."""
+    s = result.settings
+    yield f"pp{s['prompt_tokens']} t/s", "pp_tps", 1.0, 2
+    yield f"tg{s['gen_tokens']} t/s", "tg_tps", 1.0, 2
+    yield "TTFT ms", "ttft_s", 1e3, 1
+    yield "peak RSS MiB", "peak_rss_bytes", 1 / MIB, 1
+    yield "KV cache MiB", "kv_bytes", 1 / MIB, 2
+
+
+def format_table(result: BenchResult) -> str:
+    """A markdown table: one row per figure, r7b and raw side by side, and their ratio."""
+    m, s = result.model, result.settings
+    head = (f"{Path(m.path).name}: {m.desc}, {m.size_bytes / MIB:.1f} MiB, {m.n_params / 1e6:.1f} M params; "
+            f"{s['n_threads']} threads, n_ctx {s['n_ctx']}, KV f16, "
+            f"{'full' if s['swa_full'] else 'small'} SWA cache, {s['repeat']} repeats (median (min–max))"
+            + (f"; {s['redone']} rounds run again because other processes were busy" if s.get("redone") else ""))
+    lines = [head, "", "| test | r7b | raw llama.cpp | r7b/raw |", "| --- | ---: | ---: | ---: |"]
+    for label, key, scale, digits in _rows(result):
+        lines.append(f"| {label} | {fmt_spread(result.r7b[key], scale, digits)} | "
+                     f"{fmt_spread(result.raw[key], scale, digits)} | {result.ratio[key]:.3f} |")
+    if result.chat:
+        c = result.chat
+        lines.append(f"| tg via Model.chat t/s ({c['prompt_tokens'].median:.0f}-token prompt, "
+                     f"{c['tokens'].median:.0f} tokens) | {fmt_spread(c['tg_tps'])} | "
+                     f"{fmt_spread(result.raw['tg_tps'])} | {result.ratio['chat_tg_tps']:.3f} |")
+    gbs = result.decode_gbs
+    lines += ["", f"decode reads ≈ {m.bytes_per_token / MIB:.1f} MiB/token: r7b {gbs['r7b']:.2f} GB/s, "
+                  f"raw {gbs['raw']:.2f} GB/s"]
+    if result.bandwidth:
+        bw = result.bandwidth
+        lines.append(f"machine: read {bw['read_gbs']:.1f} GB/s, copy {bw['copy_gbs']:.1f} GB/s "
+                     f"({bw['threads']} threads); decode uses {utilisation(gbs['r7b'], bw['read_gbs']):.0%} "
+                     f"(r7b), {utilisation(gbs['raw'], bw['read_gbs']):.0%} (raw) of the read bandwidth")
+    if result.chat_note:
+        lines.append(result.chat_note)
+    return "\n".join(lines)
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="prefill/decode speed and memory, side by side with bare llama.cpp",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("model", metavar="MODEL.gguf")
+    p.add_argument("--threads", type=int, help="threads (default: one per core, at most 8)")
+    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length (default 512)")
+    p.add_argument("--gen-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("--repeat", type=int, default=5, help="measured runs per side (default 5)")
+    p.add_argument("--no-chat", action="store_true", help="skip the Model.chat streaming figure")
+    p.add_argument("--bandwidth", action="store_true",
+                   help="also measure the machine's memory bandwidth and how much of it decoding uses")
+    p.add_argument("--seed", type=int, default=SEED, help="seed of the random prompt")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.threads is not None and args.threads < 1:
+        raise R7BError("--threads must be at least 1")
+    result = compare(args.model, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
+                     repeat=args.repeat, threads=args.threads, chat=not args.no_chat, seed=args.seed)
+    if args.bandwidth:
+        result.bandwidth = memory_bandwidth(result.settings["n_threads"])
+    print(json.dumps(result.to_json(), indent=2) if args.json else format_table(result))
+    return 0

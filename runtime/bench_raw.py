@@ -1,0 +1,88 @@
+"""The baseline for `r7b bench`: prefill and greedy decoding written directly on llama.cpp's C API.
+
+This is the least Python a program can run per token through llama-cpp-python's bindings (what
+llama-bench does in C++): one `llama_decode` per prompt batch, then sample, turn the token into
+its bytes, decode it, repeat. It deliberately shares no code with the project's engine, so the
+r7b/raw ratio shows what the engine's per-token path costs. It can run on a model loaded by
+someone else (a `llama_model *`), so that both sides of a comparison read the same weights.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Any, Callable, Sequence
+
+import llama_cpp
+
+F16 = 1  # GGML_TYPE_F16
+
+
+class RawLoop:
+    """One context on a loaded model, cleared before each run; mirrors the engine's context settings."""
+
+    def __init__(self, model: Any, *, n_ctx: int, n_batch: int, n_threads: int, swa_full: bool = False,
+                 owns_model: bool = False):
+        self.model, self.owns_model, self.n_batch = model, owns_model, n_batch
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_threads = params.n_threads_batch = n_threads
+        params.type_k = params.type_v = F16
+        params.swa_full = swa_full
+        params.n_seq_max = 1
+        self.ctx = llama_cpp.llama_init_from_model(model, params)
+        if not self.ctx:
+            self.close()
+            raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} tokens")
+        self.mem = llama_cpp.llama_get_memory(self.ctx)
+        self.sampler = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        llama_cpp.llama_sampler_chain_add(self.sampler, llama_cpp.llama_sampler_init_greedy())
+        self.piece = ctypes.create_string_buffer(256)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, **context: Any) -> "RawLoop":
+        """Load the model from a GGUF file (CPU, memory-mapped) and own it."""
+        llama_cpp.llama_backend_init()
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
+        if not model:
+            raise RuntimeError(f"llama.cpp could not load {path}")
+        return cls(model, owns_model=True, **context)
+
+    def run(self, tokens: Sequence[int], n_gen: int,
+            clock: Callable[[], float]) -> tuple[float, float, float, float]:
+        """Prefill `tokens` into an empty cache, then greedily generate `n_gen` tokens (EOG ignored).
+
+        Returns the clock at start, after prefill, at the first token and at the end.
+        """
+        llama_cpp.llama_memory_clear(self.mem, True)
+        t_start = clock()
+        for i in range(0, len(tokens), self.n_batch):
+            chunk = tokens[i:i + self.n_batch]
+            arr = (llama_cpp.llama_token * len(chunk))(*chunk)
+            if llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(arr, len(chunk))) != 0:
+                raise RuntimeError("llama_decode failed during prefill")
+        t_prefilled = clock()
+        t_first = t_prefilled
+        one = (llama_cpp.llama_token * 1)()
+        for i in range(n_gen):
+            tok = llama_cpp.llama_sampler_sample(self.sampler, self.ctx, -1)
+            llama_cpp.llama_token_to_piece(self.vocab, tok, self.piece, 256, 0, True)
+            if i == 0:
+                t_first = clock()
+            one[0] = tok
+            if llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(one, 1)) != 0:
+                raise RuntimeError("llama_decode failed during generation")
+        return t_start, t_prefilled, t_first, clock()
+
+    def close(self) -> None:
+        if getattr(self, "sampler", None):
+            llama_cpp.llama_sampler_free(self.sampler)
+            self.sampler = None
+        if getattr(self, "ctx", None):
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        if self.model and self.owns_model:
+            llama_cpp.llama_model_free(self.model)
+        self.model = None

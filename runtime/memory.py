@@ -1,0 +1,187 @@
+"""Disk and RAM arithmetic for Command R7B GGUFs: weights, KV cache, compute buffers.
+
+The numbers follow what llama.cpp allocates, so that `r7b quantize --list` and the runtime's
+fit check agree with reality: contexts are padded to 256 cells, and with the small
+sliding-window cache (`swa_full=False`) the sliding layers keep only `sliding_window + n_ubatch`
+cells (padded to 256) however long the context is. Only the global layers (every
+`swa_pattern`-th) grow with the context, which is why R7B needs about 4.4 GiB of f16 KV cache at
+128K tokens instead of 16 GiB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+KV_PAD = 256  # llama.cpp pads context and cache sizes to this many cells
+MIB = 1024**2
+GIB = 1024**3
+RUNTIME_OVERHEAD = 128 * MIB  # interpreter, libraries, tokenizer tables, scratch
+
+
+def ggml_type(name: str | int | GGMLQuantizationType) -> GGMLQuantizationType:
+    """A ggml type from its name ('q8_0', 'Q6_K', 'f16') or number."""
+    if isinstance(name, str):
+        try:
+            return GGMLQuantizationType[name.upper()]
+        except KeyError:
+            raise ValueError(f"unknown ggml type {name!r}") from None
+    return GGMLQuantizationType(name)
+
+
+def bits_per_weight(qtype: str | int | GGMLQuantizationType) -> float:
+    """Storage bits per weight of a ggml type, scales included (Q4_K: 4.5, Q8_0: 8.5)."""
+    block, size = GGML_QUANT_SIZES[ggml_type(qtype)]
+    return 8 * size / block
+
+
+def tensor_bytes(shape: tuple[int, ...], qtype: str | int | GGMLQuantizationType) -> int:
+    """Bytes of one tensor; `shape` is in ggml order (row length first)."""
+    block, size = GGML_QUANT_SIZES[ggml_type(qtype)]
+    rows = 1
+    for dim in shape[1:]:
+        rows *= int(dim)
+    return rows * (-(-int(shape[0]) // block)) * size
+
+
+def pad(n: int, multiple: int = KV_PAD) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes that decide a Cohere2 model's memory; tensor shapes derive from them."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden: int
+    ffn: int
+    vocab: int
+    sliding_window: int
+    context_length: int
+    swa_pattern: int = 4
+    name: str = "cohere2"
+
+    def weights(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """GGUF tensor names and ggml shapes, in file order (tied embeddings: no output.weight)."""
+        h, q, kv = self.hidden, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        yield "token_embd.weight", (h, self.vocab)
+        for i in range(self.n_layers):
+            yield f"blk.{i}.attn_norm.weight", (h,)
+            yield f"blk.{i}.attn_q.weight", (h, q)
+            yield f"blk.{i}.attn_k.weight", (h, kv)
+            yield f"blk.{i}.attn_v.weight", (h, kv)
+            yield f"blk.{i}.attn_output.weight", (q, h)
+            yield f"blk.{i}.ffn_gate.weight", (h, self.ffn)
+            yield f"blk.{i}.ffn_up.weight", (h, self.ffn)
+            yield f"blk.{i}.ffn_down.weight", (self.ffn, h)
+        yield "output_norm.weight", (h,)
+
+    @property
+    def n_params(self) -> int:
+        total = 0
+        for _, shape in self.weights():
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any], name: str | None = None) -> "ModelShape":
+        """Read the sizes from GGUF metadata (`cohere2.*` keys); `tokenizer.ggml.tokens` may be a count."""
+        arch = str(meta.get("general.architecture", "cohere2"))
+
+        def get(key: str, default: Any = None) -> int:
+            value = meta.get(f"{arch}.{key}", default)
+            if value is None:
+                raise ValueError(f"GGUF metadata lacks {arch}.{key}")
+            return int(value)
+
+        tokens = meta.get("tokenizer.ggml.tokens")
+        n_tokens = len(tokens) if isinstance(tokens, (list, tuple)) else tokens
+        n_heads, hidden = get("attention.head_count"), get("embedding_length")
+        return cls(
+            n_layers=get("block_count"), n_heads=n_heads, n_kv_heads=get("attention.head_count_kv", n_heads),
+            head_dim=get("attention.key_length", hidden // n_heads), hidden=hidden,
+            ffn=get("feed_forward_length"), vocab=get("vocab_size", n_tokens),
+            sliding_window=get("attention.sliding_window", 0), context_length=get("context_length"),
+            name=name or str(meta.get("general.name") or arch),
+        )
+
+
+COMMAND_R7B = ModelShape(n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden=4096, ffn=14336,
+                         vocab=256000, sliding_window=4096, context_length=131072, name="Command R7B")
+
+
+def n_global_layers(n_layers: int, swa_pattern: int) -> int:
+    """Layers that attend to the whole context: llama.cpp makes layer i sliding unless i % p == p - 1."""
+    if swa_pattern <= 0:
+        return n_layers
+    return sum(1 for i in range(n_layers) if i % swa_pattern == swa_pattern - 1)
+
+
+def kv_cells(n_ctx: int, sliding_window: int, *, swa_full: bool = False, n_ubatch: int = 512) -> tuple[int, int]:
+    """(global, sliding) cache cells per sequence, as llama.cpp sizes them."""
+    cells = pad(n_ctx)
+    if not sliding_window or swa_full:
+        return cells, cells
+    return cells, min(cells, pad(sliding_window + n_ubatch))
+
+
+def kv_cache_bytes(n_layers: int, n_kv_heads: int, head_dim: int, n_ctx: int, sliding_window: int, *,
+                   swa_full: bool = False, kv_type: str = "f16", swa_pattern: int = 4, n_ubatch: int = 512) -> int:
+    """K and V cache bytes for one sequence of `n_ctx` tokens."""
+    n_global = n_global_layers(n_layers, swa_pattern) if sliding_window else n_layers
+    global_cells, swa_cells = kv_cells(n_ctx, sliding_window, swa_full=swa_full, n_ubatch=n_ubatch)
+    per_cell = 2 * tensor_bytes((n_kv_heads * head_dim,), kv_type)  # one K row and one V row
+    return per_cell * (n_global * global_cells + (n_layers - n_global) * swa_cells)
+
+
+def compute_buffer_bytes(shape: ModelShape, n_ubatch: int = 512) -> int:
+    """Scratch for one micro-batch: logits for every token dominate, then the FFN activations."""
+    return 4 * n_ubatch * (shape.vocab + 2 * shape.ffn + 4 * shape.hidden)
+
+
+@dataclass(frozen=True)
+class RamEstimate:
+    weights: int
+    kv_cache: int
+    compute: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.compute + self.overhead
+
+
+def estimate_ram(weight_bytes: int, shape: ModelShape, n_ctx: int, *, kv_type: str = "f16",
+                 swa_full: bool = False, n_ubatch: int = 512, overhead: int = RUNTIME_OVERHEAD) -> RamEstimate:
+    """Resident memory to run a model on CPU: the mmapped weights are all touched, so they count in full."""
+    kv = kv_cache_bytes(shape.n_layers, shape.n_kv_heads, shape.head_dim, n_ctx, shape.sliding_window,
+                        swa_full=swa_full, kv_type=kv_type, swa_pattern=shape.swa_pattern, n_ubatch=n_ubatch)
+    return RamEstimate(weight_bytes, kv, compute_buffer_bytes(shape, n_ubatch), overhead)
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.1f} MiB"
+
+
+def check_fits(summary, *, n_ctx: int, kv_type: str = "f16", swa_full: bool = False) -> RamEstimate:
+    """Refuse, before llama.cpp allocates, a model whose weights plus KV cache exceed available memory."""
+    import psutil
+
+    from r7b.errors import R7BError
+
+    shape = ModelShape.from_metadata(summary.metadata)
+    weights = sum(t.nbytes for t in summary.tensors)
+    need = estimate_ram(weights, shape, n_ctx, kv_type=kv_type, swa_full=swa_full)
+    available = psutil.virtual_memory().available
+    if need.total > available:
+        raise R7BError(f"{summary.path} needs about {format_bytes(need.total)} at {n_ctx} tokens of context "
+                       f"but only {format_bytes(available)} is available: use a smaller quantization or --ctx")
+    return need

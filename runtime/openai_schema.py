@@ -1,0 +1,288 @@
+"""The OpenAI chat-completions wire format, with Command R7B's extensions, as pydantic models.
+
+Requests are validated strictly (a number sent as a string is rejected, not coerced) so that the
+OpenAPI document built from these models is the contract the server enforces. Fields that OpenAI
+clients send routinely but that the local model cannot honour are listed, accepted and ignored;
+any other unknown field is ignored too.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_STRICT = ConfigDict(strict=True, allow_inf_nan=False, populate_by_name=True)
+INT32_MAX = 2**31 - 1
+
+
+class _Request(BaseModel):
+    model_config = _STRICT
+
+
+# -- request -----------------------------------------------------------------------------------
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+Content = Union[str, list[TextPart]]
+CONTENT_DOC = "A string, or a list of text parts (other part types are not supported)."
+
+
+class SystemMessage(_Request):
+    role: Literal["system", "developer"] = Field(description="`developer` is treated as `system`.")
+    content: Content = Field(description=CONTENT_DOC)
+    name: str | None = None
+
+
+class UserMessage(_Request):
+    role: Literal["user"]
+    content: Content = Field(description=CONTENT_DOC)
+    name: str | None = None
+
+
+class FunctionCall(_Request):
+    name: str
+    arguments: str | dict[str, Any] = Field(description="JSON text of the arguments (an object is also accepted).")
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class AssistantMessage(_Request):
+    role: Literal["assistant"]
+    content: Content | None = Field(None, description=CONTENT_DOC)
+    tool_calls: list[ToolCall] | None = None
+    reasoning_content: str | None = Field(None, description="The tool plan written before `tool_calls`.")
+    tool_plan: str | None = Field(None, description="Cohere's name for `reasoning_content`.")
+    name: str | None = None
+
+
+class ToolMessage(_Request):
+    role: Literal["tool"]
+    content: Content = Field(description=CONTENT_DOC + " JSON text is passed to the model as JSON.")
+    tool_call_id: str
+
+
+Message = Annotated[Union[SystemMessage, UserMessage, AssistantMessage, ToolMessage], Field(discriminator="role")]
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="JSON Schema of the arguments.")
+    strict: bool | None = Field(None, description="Accepted; arguments follow the schema under a forced tool_choice.")
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: FunctionName
+
+
+ToolChoice = Union[Literal["auto", "none", "required"], NamedToolChoice]
+
+
+class TextFormat(_Request):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Request):
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(_Request):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="JSON Schema the answer must match.")
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(_Request):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[Union[TextFormat, JsonObjectFormat, JsonSchemaFormat], Field(discriminator="type")]
+
+
+class StreamOptions(_Request):
+    include_usage: bool | None = Field(None, description="Send a last chunk with empty `choices` and the usage.")
+
+
+IGNORED = "Accepted and ignored."
+
+
+class ChatCompletionRequest(_Request):
+    model: str | None = Field(None, description="The served model's name (see GET /v1/models); may be omitted.")
+    messages: list[Message] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = Field(
+        None, description="`auto` (default), `none` (tools are ignored and the model answers), `required` or a "
+                          "named function (a grammar makes the model call a tool).")
+    temperature: float | None = Field(None, ge=0, le=2, description="Default 0.3; 0 is greedy.")
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=0, le=INT32_MAX, description="Extension: top-k sampling (0: off).")
+    max_tokens: int | None = Field(None, ge=1, description="Default: the rest of the context.")
+    max_completion_tokens: int | None = Field(None, ge=1, description="Takes precedence over `max_tokens`.")
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int | None = Field(None, ge=1, le=1, description="Only 1 is supported.")
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = Field(
+        None, description="`json_object` or `json_schema` make the answer JSON through a grammar.")
+    documents: list[dict[str, Any] | str] | None = Field(
+        None, description="Extension: documents to ground the answer in (objects of any keys, or strings).")
+    citations_enabled: bool | None = Field(
+        None, description="Extension: ask for citations of documents and tool results (default: on with documents).")
+    enable_citations: bool | None = Field(None, description="Extension: the same as `citations_enabled`.")
+    # Sent by common clients; a local llama.cpp model has nothing to do with them.
+    user: str | None = Field(None, description=IGNORED)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description=IGNORED)
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description=IGNORED)
+    logprobs: Literal[False] | None = Field(None, description="Log probabilities are not supported.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description=IGNORED)
+    logit_bias: dict[str, float] | None = Field(None, description=IGNORED)
+    parallel_tool_calls: bool | None = Field(None, description=IGNORED + " The model may call several tools at once.")
+    metadata: dict[str, str] | None = Field(None, description=IGNORED)
+    store: bool | None = Field(None, description=IGNORED)
+    service_tier: str | None = Field(None, description=IGNORED)
+
+
+# -- response ----------------------------------------------------------------------------------
+
+
+def _absent(value: object) -> bool:
+    return value is None
+
+
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str = Field(description="JSON text.")
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
+class ToolCallDelta(ToolCallOut):
+    index: int
+
+
+class CitationSource(BaseModel):
+    tool_call_id: str = Field(description='"0" for the request\'s documents, else the tool call whose result is cited.')
+    index: int = Field(description="Position of the document, or 0 for a tool result.")
+
+
+class Citation(BaseModel):
+    start: int = Field(description="Character offset of the cited span in `content`.")
+    end: int
+    text: str
+    sources: list[CitationSource]
+
+
+class AssistantMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = Field(None, exclude_if=_absent)
+    reasoning_content: str | None = Field(None, exclude_if=_absent, description="Extension: the tool plan.")
+    citations: list[Citation] | None = Field(None, exclude_if=_absent,
+                                             description="Extension: grounded spans of `content`.")
+
+
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessageOut
+    finish_reason: FinishReason
+    logprobs: None = None
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="Prompt tokens reused from the previous request's KV cache.")
+
+
+class UsageOut(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: UsageOut
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = Field(None, exclude_if=_absent)
+    content: str | None = Field(None, exclude_if=_absent)
+    reasoning_content: str | None = Field(None, exclude_if=_absent)
+    tool_calls: list[ToolCallDelta] | None = Field(None, exclude_if=_absent)
+    citations: list[Citation] | None = Field(None, exclude_if=_absent)
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: UsageOut | None = Field(None, exclude_if=_absent)
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,192 @@
+"""`r7b bench`: the arithmetic behind its figures (with a fake clock), and one real quick run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from r7b.runtime import bench
+from r7b.runtime.bench import BenchResult, ModelInfo, Spread, Timing
+from r7b.runtime.memory import MIB, ModelShape
+
+
+class FakeClock:
+    """Time that moves only when the code under test says so."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeLoop:
+    """Prefill costs 5 ms a token, the first sample 20 ms, every decode step 25 ms."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+
+    def run(self, tokens, n_gen, clock):
+        t_start = clock()
+        self.clock.advance(0.005 * len(tokens))
+        t_prefilled = clock()
+        self.clock.advance(0.020)
+        t_first = clock()
+        self.clock.advance(0.025 * n_gen - 0.020)
+        return t_start, t_prefilled, t_first, clock()
+
+
+def test_rates_from_clock_readings():
+    clock = FakeClock()
+    rates = bench.run_once(FakeLoop(clock), list(range(100)), 40, clock)
+    assert rates["pp_tps"] == pytest.approx(200.0)  # 100 tokens in 0.5 s
+    assert rates["tg_tps"] == pytest.approx(40.0)  # 40 tokens in 1.0 s
+    assert rates["ttft_s"] == pytest.approx(0.52)
+
+
+def test_timing_properties():
+    t = Timing(n_prompt=512, n_gen=128, t_start=0.0, t_prefilled=2.0, t_first=2.1, t_end=6.0)
+    assert (t.pp_tps, t.tg_tps, t.ttft_s) == (256.0, 32.0, pytest.approx(2.1))
+
+
+def test_spread_is_median_and_range():
+    assert Spread.of([3.0, 1.0, 2.0]) == Spread(2.0, 1.0, 3.0)
+    assert Spread.of([4.0, 1.0, 2.0, 10.0]) == Spread(3.0, 1.0, 10.0)  # even count: mean of the middle two
+    assert Spread.of([5.0]) == Spread(5.0, 5.0, 5.0)
+    with pytest.raises(ValueError):
+        Spread.of([])
+
+
+def test_summarize_and_ratios():
+    ours = bench.summarize([{"tg_tps": 30.0, "kv_bytes": 8.0}, {"tg_tps": 32.0, "kv_bytes": 8.0},
+                            {"tg_tps": 31.0, "kv_bytes": 8.0}])
+    base = bench.summarize([{"tg_tps": 32.0, "kv_bytes": 8.0}, {"tg_tps": 33.0, "kv_bytes": 8.0}])
+    assert ours["tg_tps"] == Spread(31.0, 30.0, 32.0)
+    assert bench.ratios(ours, base) == {"tg_tps": pytest.approx(31.0 / 32.5), "kv_bytes": 1.0}
+
+
+def test_paired_ratios_compare_each_run_with_its_neighbour():
+    # the machine's speed drifts from round to round; ours is 0.8, 0.9 and 1.0 of the run beside it
+    ours = [{"tg_tps": 80.0}, {"tg_tps": 45.0}, {"tg_tps": 60.0}]
+    base = [{"tg_tps": 100.0}, {"tg_tps": 50.0}, {"tg_tps": 60.0}]
+    assert bench.paired_ratios(ours, base, ["tg_tps"]) == {"tg_tps": pytest.approx(0.9)}
+    assert bench.ratios(bench.summarize(ours), bench.summarize(base)) == {"tg_tps": 1.0}  # medians miss it
+
+
+def test_quiet_runs():
+    assert bench.is_quiet({"others_s": 0.05, "wall_s": 1.0})
+    assert not bench.is_quiet({"others_s": 0.5, "wall_s": 1.0})
+    assert bench.is_quiet({"others_s": 0.02, "wall_s": 0.05})  # within /proc/stat's tick
+
+
+def test_best_time_takes_the_fastest_call():
+    clock = FakeClock()
+    durations = iter([0.3, 0.1, 0.2])
+    assert bench.best_time(lambda: clock.advance(next(durations)), 3, clock) == pytest.approx(0.1)
+
+
+def test_bytes_per_token_counts_a_tied_embedding_once_in_full():
+    tied = {"token_embd.weight": 1000, "blk.0.attn_q.weight": 200, "blk.0.attn_norm.weight": 4}
+    assert bench.weight_bytes_per_token(tied) == 1204
+    untied = {**tied, "output.weight": 1000}  # then the embedding is only gathered, one row a token
+    assert bench.weight_bytes_per_token(untied) == 1204
+
+
+def test_kv_read_per_token_respects_the_window():
+    shape = ModelShape(n_layers=8, n_heads=4, n_kv_heads=2, head_dim=64, hidden=256, ffn=768, vocab=100,
+                       sliding_window=100, context_length=4096)
+    row = 2 * 64 * 2  # f16 bytes of one K (or V) row
+    assert bench.kv_bytes_read(shape, 50) == 2 * row * 50 * 8
+    assert bench.kv_bytes_read(shape, 1000) == 2 * row * (2 * 1000 + 6 * 100)  # 2 global, 6 sliding layers
+
+
+def test_bandwidth_utilisation():
+    achieved = bench.decode_gbs(500e6, 30.0)
+    assert achieved == pytest.approx(15.0)
+    assert bench.utilisation(achieved, 20.0) == pytest.approx(0.75)
+
+
+def test_kv_bytes_from_llama_log():
+    lines = ["llama_kv_cache: size =    2.00 MiB (  4096 cells,   1 layers,  1/1 seqs), K (f16):    1.00 MiB\n",
+             "llama_kv_cache:        CPU KV buffer size =     1.12 MiB\n",
+             "llama_kv_cache: size =    1.12 MiB (   768 cells,   3 layers,  1/1 seqs), K (f16):    0.56 MiB\n"]
+    assert bench.kv_bytes_from_log(lines) == round(3.12 * MIB)
+
+
+def _result() -> BenchResult:
+    def figs(scale: float) -> dict[str, Spread]:
+        return {"pp_tps": Spread(100.0 * scale, 90.0, 110.0), "tg_tps": Spread(20.0 * scale, 19.0, 21.0),
+                "ttft_s": Spread(0.5, 0.4, 0.6), "peak_rss_bytes": Spread(200 * MIB, 199 * MIB, 201 * MIB),
+                "kv_bytes": Spread(16 * MIB, 16 * MIB, 16 * MIB)}
+
+    info = ModelInfo("build/m.gguf", "16L 1536h Q8_0", 480 * MIB, 452_000_000, 500_000_000)
+    settings = {"n_ctx": 768, "n_threads": 2, "n_batch": 512, "swa_full": False, "prompt_tokens": 512,
+                "gen_tokens": 128, "repeat": 5, "kv_type": "f16", "seed": 1, "redone": 0}
+    ours, base = figs(0.99), figs(1.0)
+    return BenchResult(info, settings, ours, base, bench.ratios(ours, base))
+
+
+def test_table_reads_like_llama_bench():
+    text = bench.format_table(_result())
+    assert "| pp512 t/s | 99.00 (90.00–110.00) | 100.00 (90.00–110.00) | 0.990 |" in text
+    assert "| tg128 t/s | 19.80 (19.00–21.00) | 20.00 (19.00–21.00) | 0.990 |" in text
+    assert "| TTFT ms | 500.0 (400.0–600.0) |" in text
+    assert "| KV cache MiB | 16.00 (16.00–16.00) |" in text
+    assert "r7b 9.90 GB/s, raw 10.00 GB/s" in text  # 500 MB/token at 19.8 and 20 t/s
+
+
+def test_json_has_every_figure():
+    out = json.loads(json.dumps(_result().to_json()))
+    for side in ("r7b", "raw"):
+        assert set(out[side]) == set(bench.METRICS)
+    assert out["ratio"]["tg_tps"] == pytest.approx(0.99)
+    assert out["decode_gbs"]["raw"] == pytest.approx(10.0)
+
+
+def test_generate_can_ignore_end_of_generation(stand_in_gguf):
+    from r7b.runtime.engine import Engine, EngineConfig, Sampling
+    from r7b.runtime.model import Model
+
+    with bench.llama_log():
+        model = Model(Engine(stand_in_gguf("f16"), EngineConfig(n_ctx=512, n_threads=2)))
+    engine, greedy = model.engine, Sampling(temperature=0.0)
+    prompt = model.tokenize_prompt(model.render([{"role": "user", "content": "Hello there."}]))
+    try:
+        engine.prefill(prompt)
+        stopped = list(engine.generate(greedy, 120))
+        if not engine.is_eog(stopped[-1]):
+            pytest.skip("the stand-in did not end its turn on this prompt")
+        engine.prefill(prompt)
+        full = list(engine.generate(greedy, 120, ignore_eog=True))
+    finally:
+        model.close()
+    assert len(stopped) < 120 and len(full) == 120
+    assert full[:len(stopped)] == stopped
+
+
+def test_bench_runs_on_the_stand_in(stand_in_gguf):
+    proc = subprocess.run([sys.executable, "-m", "r7b.cli", "bench", str(stand_in_gguf("f16")), "--prompt-tokens", "32",
+                           "--gen-tokens", "8", "--repeat", "1", "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    for side in ("r7b", "raw"):
+        assert set(out[side]) == set(bench.METRICS)
+        for figure in out[side].values():
+            assert figure["min"] > 0 and figure["min"] <= figure["median"] <= figure["max"]
+    assert all(v > 0 for v in out["ratio"].values())
+    assert out["settings"]["prompt_tokens"] == 32 and out["settings"]["gen_tokens"] == 8
+    assert out["model"]["n_params"] > 0 and out["model"]["bytes_per_token"] > 0
+    assert out["chat"]["tg_tps"]["median"] > 0 and out["chat"]["tokens"]["median"] >= 1
+
+
+def test_bench_refuses_a_missing_file(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "r7b.cli", "bench", str(tmp_path / "none.gguf")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("r7b bench: error: no such model file")
