@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -42,8 +43,9 @@ def atomic_output(path: str | os.PathLike, *, force: bool = False) -> Iterator[P
             raise R7BError(f"output file appeared while writing: {out} (use --force to overwrite)")
         os.replace(tmp_path, out)
     except OSError as exc:
+        disk_full = exc.errno == errno.ENOSPC or shutil.disk_usage(tmp_path.parent).free == 0
         tmp_path.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
+        if disk_full:
             raise R7BError(f"no space left on device while writing {out}") from None
         if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
             raise R7BError(f"cannot write {out}: {exc.strerror}") from None
