@@ -104,7 +104,9 @@ class Model:
             from .memory import check_fits
 
             check_fits(summary, n_ctx=n_ctx, kv_type=kv_type, swa_full=swa_full)
-        config = EngineConfig(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+        if n_ctx < 256:
+            raise R7BError(f"n_ctx must be at least 256 tokens, got {n_ctx}")
+        config = EngineConfig(n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                               kv_type=kv_type, swa_full=swa_full, verbose=verbose)
         return cls(Engine(path, config))
 

@@ -151,10 +151,10 @@ def test_nfc_normalization_matches_reference_tokenizer(model, hf_tokenizer):
 
 
 def test_prompt_longer_than_context_is_refused(stand_in_gguf):
-    small = Model.load(stand_in_gguf("f16"), n_ctx=64, n_threads=2)
+    small = Model.load(stand_in_gguf("f16"), n_ctx=256, n_threads=2)
     try:
         with pytest.raises(R7BError, match="context"):
-            small.chat([{"role": "user", "content": "word " * 200}], max_tokens=4)
+            small.chat([{"role": "user", "content": "word " * 600}], max_tokens=4)
     finally:
         small.close()
 
