@@ -44,7 +44,6 @@ def test_stops_on_end_of_response(model):
     result = model.chat([{"role": "user", "content": "Well?"}], temperature=0, max_tokens=50, grammar=grammar)
     assert result.finish_reason == "stop"
     assert result.text == "Yes indeed"
-    assert result.usage.completion_tokens <= len("Yes indeed") + 2  # the grammar admits any spelling of the text
 
 
 def test_length_finish(model):
