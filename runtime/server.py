@@ -65,6 +65,7 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  type: str = "invalid_request_error"):
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates from JSON escapes
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
@@ -104,7 +105,8 @@ class ApiKeyMiddleware:
         if not values:
             return APIError(401, "missing API key: send it as 'Authorization: Bearer KEY'", code="invalid_api_key")
         scheme, _, token = values[0].strip().partition(b" ")
-        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key):
+        matches = hmac.compare_digest(token.strip(), self._key)  # whatever the scheme, so every key costs the same
+        if matches and scheme.lower() == b"bearer":
             return None
         return APIError(401, "incorrect API key", code="invalid_api_key")
 
