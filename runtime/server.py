@@ -17,6 +17,9 @@ A llama.cpp context is not thread-safe, so one worker thread owns the model and 
 it in arrival order. Generation runs in that thread, leaving the event loop free to answer
 /health and to notice clients that hang up: their generation is stopped (or, if still queued,
 never started), so it does not hold up the requests behind it.
+`r7b serve --max-tokens N` caps every answer at N tokens, as llama-server's --n-predict does: a
+request asking for more (or for nothing, which means the rest of the context) gets N, and
+finish_reason "length" if the answer is cut there.
 The engine keeps the KV cache of the last request, so the next turn of the same conversation only
 evaluates its new tokens (`usage.prompt_tokens_details.cached_tokens`).
 
@@ -332,7 +335,8 @@ def _check_tool_choice(req: "ChatCompletionRequest") -> None:
         raise APIError(400, f"tool_choice names '{choice.function.name}', which is not in 'tools'", param="tool_choice")
 
 
-def to_job(req: "ChatCompletionRequest") -> Job:
+def to_job(req: "ChatCompletionRequest", max_tokens: int | None = None) -> Job:
+    """`max_tokens`: the server's ceiling; a request asking for more gets that many (finish_reason "length")."""
     messages = [template_message(m) for m in req.messages]
     documents = [{"text": d} if isinstance(d, str) else d for d in req.documents] if req.documents else None
     citations = next((f for f in (req.citations_enabled, req.enable_citations) if f is not None), bool(documents))
@@ -343,7 +347,8 @@ def to_job(req: "ChatCompletionRequest") -> Job:
         sampling["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
     return Job(messages=messages, tools=_tools(req), documents=documents, citations=citations,
                tool_choice=req.tool_choice, response_format=req.response_format,
-               max_tokens=req.max_completion_tokens or req.max_tokens, sampling=sampling)
+               max_tokens=min(filter(None, (req.max_completion_tokens or req.max_tokens, max_tokens)), default=None),
+               sampling=sampling)
 
 
 def _grammar(job: Job, response_open: bool) -> str | None:
@@ -590,8 +595,8 @@ def _validation_error(errors: list[dict]) -> APIError:
     return APIError(400, f"{'.'.join(loc)}: {err.get('msg', 'invalid value')}", param=loc[0])
 
 
-def _openapi_schema(app, model_name: str, secured: bool) -> dict:
-    """FastAPI's document, corrected: 400 instead of 422, the one model name, the bearer key."""
+def _openapi_schema(app, model_name: str, secured: bool, max_tokens: int | None = None) -> dict:
+    """FastAPI's document, corrected: 400 instead of 422, the one model name, the bearer key, the token cap."""
     from fastapi.openapi.utils import get_openapi
 
     doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
@@ -605,14 +610,18 @@ def _openapi_schema(app, model_name: str, secured: bool) -> dict:
                 op["security"] = [{"bearer": []}]
     model_prop = schemas["ChatCompletionRequest"]["properties"]["model"]
     model_prop["anyOf"] = [{"type": "string", "enum": [model_name]}, {"type": "null"}]
+    if max_tokens is not None:
+        for name in ("max_tokens", "max_completion_tokens"):
+            prop = schemas["ChatCompletionRequest"]["properties"][name]
+            prop["description"] += f" This server answers with at most {max_tokens} tokens (--max-tokens)."
     if secured:
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     return doc
 
 
 def create_app(model: "Model", *, model_name: str, api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY):
-    """The ASGI application serving `model` under `model_name`."""
+               max_body_bytes: int = DEFAULT_MAX_BODY, max_tokens: int | None = None):
+    """The ASGI application serving `model` under `model_name`; `max_tokens` caps every answer."""
     from fastapi import FastAPI
 
     from r7b import __version__
@@ -627,11 +636,11 @@ def create_app(model: "Model", *, model_name: str, api_key: str | None = None,
     app = FastAPI(title="r7b-edge", version=__version__, lifespan=lifespan,
                   description=__doc__.partition("\n\n")[2])
     _add_error_handlers(app)
-    _add_routes(app, worker, model_name)
+    _add_routes(app, worker, model_name, max_tokens)
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            app.openapi_schema = _openapi_schema(app, model_name, secured=bool(api_key))
+            app.openapi_schema = _openapi_schema(app, model_name, secured=bool(api_key), max_tokens=max_tokens)
         return app.openapi_schema
 
     app.openapi = openapi
@@ -673,7 +682,7 @@ def _add_error_handlers(app) -> None:
         return respond(APIError(500, "internal server error", type="server_error"))
 
 
-def _add_routes(app, worker: Worker, model_name: str) -> None:
+def _add_routes(app, worker: Worker, model_name: str, max_tokens: int | None) -> None:
     from fastapi import Request
     from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -701,7 +710,7 @@ def _add_routes(app, worker: Worker, model_name: str) -> None:
               responses={**errors, 200: {"content": {"text/event-stream": stream_doc}}})
     async def chat_completions(body: oa.ChatCompletionRequest, request: Request):
         _check_model(body.model, model_name)
-        job = to_job(body)
+        job = to_job(body, max_tokens)
         reply = Reply(model=model_name, citations=job.citations,
                       include_usage=bool(body.stream_options and body.stream_options.include_usage))
         stream = worker.submit(job)
@@ -740,6 +749,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-layers", type=int, metavar="N", default=0,
                    help="layers to offload (-1: all, on Metal/CUDA builds)")
     p.add_argument("--kv-type", metavar="TYPE", default="f16", help="KV cache type: f16, q8_0, q4_0 ... (default f16)")
+    p.add_argument("--max-tokens", type=int, metavar="N",
+                   help="most tokens one answer may have; requests asking for more get N, with finish_reason "
+                        "'length' (default: the rest of the context)")
     p.add_argument("--max-body-bytes", type=int, metavar="N", default=DEFAULT_MAX_BODY,
                    help=f"largest request body accepted (default {DEFAULT_MAX_BODY})")
     p.set_defaults(func=_serve_main)
@@ -762,6 +774,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise R7BError(f"--port must be between 1 and 65535, not {args.port}")
     if args.max_body_bytes < 1:
         raise R7BError("--max-body-bytes must be positive")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise R7BError("--max-tokens must be positive")
 
 
 def _serve_main(args: argparse.Namespace) -> int:
@@ -773,7 +787,8 @@ def _serve_main(args: argparse.Namespace) -> int:
     model = Model.load(args.model, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
                        kv_type=args.kv_type)
     name = args.model_name or model.engine.metadata("general.name") or Path(args.model).stem
-    app = create_app(model, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    app = create_app(model, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                     max_tokens=args.max_tokens)
     print(f"r7b serve: '{name}' on http://{args.host}:{args.port}/v1 (context {model.engine.n_ctx} tokens)",
           file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
