@@ -286,3 +286,28 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+def _ref(model: type[BaseModel]) -> dict:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+# OpenAPI 3.1 has no word for one event of a stream; `schema` of text/event-stream describes one
+# event, as OpenAPI 3.2's `itemSchema` does (and as schemathesis reads it).
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "description": "One server-sent event. `data`: a `chat.completion.chunk`, an error in the `{\"error\": ...}` "
+                   "shape (the status line has gone already), or, last, `[DONE]`.",
+    "properties": {"data": {"anyOf": [
+        {"type": "string", "const": "[DONE]"},
+        {"type": "string", "contentMediaType": "application/json",
+         "contentSchema": {"anyOf": [_ref(ChatCompletionChunk), _ref(ErrorResponse)]}},
+    ]}},
+}
+
+
+def stream_components() -> dict[str, dict]:
+    """Schemas that SSE_EVENT refers to, for the OpenAPI document's components."""
+    schema = ChatCompletionChunk.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
+    return {**schema.pop("$defs", {}), "ChatCompletionChunk": schema}

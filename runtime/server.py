@@ -599,6 +599,8 @@ def _openapi_schema(app, model_name: str, secured: bool, max_tokens: int | None 
     """FastAPI's document, corrected: 400 instead of 422, the one model name, the bearer key, the token cap."""
     from fastapi.openapi.utils import get_openapi
 
+    from .openai_schema import stream_components
+
     doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     schemas = doc.get("components", {}).get("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
@@ -608,8 +610,12 @@ def _openapi_schema(app, model_name: str, secured: bool, max_tokens: int | None 
             op.get("responses", {}).pop("422", None)
             if secured and path not in PUBLIC_PATHS:
                 op["security"] = [{"bearer": []}]
+    for name, schema in stream_components().items():
+        schemas.setdefault(name, schema)
     model_prop = schemas["ChatCompletionRequest"]["properties"]["model"]
     model_prop["anyOf"] = [{"type": "string", "enum": [model_name]}, {"type": "null"}]
+    for param in doc["paths"]["/v1/models/{model_id}"]["get"]["parameters"]:
+        param["schema"]["enum"] = [model_name]
     if max_tokens is not None:
         for name in ("max_tokens", "max_completion_tokens"):
             prop = schemas["ChatCompletionRequest"]["properties"][name]
@@ -689,8 +695,6 @@ def _add_routes(app, worker: Worker, model_name: str, max_tokens: int | None) ->
     from . import openai_schema as oa
 
     errors = {code: {"model": oa.ErrorResponse} for code in (400, 401, 404, 413, 500, 503)}
-    stream_doc = {"schema": {"type": "string", "description": "With `stream`: `data: {chat.completion.chunk}` "
-                                                            "lines, then `data: [DONE]`."}}
     card = oa.ModelCard(id=model_name, created=int(Path(worker.model.path).stat().st_mtime), owned_by="r7b-edge")
 
     @app.get("/health", response_model=oa.Health)
@@ -707,7 +711,7 @@ def _add_routes(app, worker: Worker, model_name: str, max_tokens: int | None) ->
         return card
 
     @app.post("/v1/chat/completions", response_model=oa.ChatCompletion,
-              responses={**errors, 200: {"content": {"text/event-stream": stream_doc}}})
+              responses={**errors, 200: {"content": {"text/event-stream": {"schema": oa.SSE_EVENT}}}})
     async def chat_completions(body: oa.ChatCompletionRequest, request: Request):
         _check_model(body.model, model_name)
         job = to_job(body, max_tokens)
