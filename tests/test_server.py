@@ -6,6 +6,7 @@ shapes, counts and protocol behaviour, never what the answers say.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -15,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import requests
@@ -39,10 +41,10 @@ class Server:
     process: subprocess.Popen
     log: Path
 
-    def post(self, body=None, *, key: str | None = KEY, **kwargs) -> requests.Response:
+    def post(self, body=None, *, key: str | None = KEY, timeout: float = 60, **kwargs) -> requests.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         headers.update(kwargs.pop("headers", {}))
-        return requests.post(self.url + "/v1/chat/completions", json=body, headers=headers, timeout=60, **kwargs)
+        return requests.post(self.url + "/v1/chat/completions", json=body, headers=headers, timeout=timeout, **kwargs)
 
     def chat(self, content: str = "Hello", **fields) -> dict:
         response = self.post({"model": self.name, "messages": [{"role": "user", "content": content}], **fields})
@@ -69,13 +71,13 @@ def model_path(stand_in_gguf) -> Path:
     return stand_in_gguf("f16")
 
 
-@pytest.fixture(scope="module")
-def server(model_path, tmp_path_factory):
+@contextlib.contextmanager
+def launch(model: Path, log_dir: Path, *extra: str) -> Iterator[Server]:
+    """`r7b serve MODEL --api-key KEY *extra` on a free loopback port, stopped (and checked) on exit."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
+    log = log_dir / "server.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(_serve_command(model_path, "--port", str(port), "--api-key", KEY,
-                                               "--max-body-bytes", str(MAX_BODY)),
+        proc = subprocess.Popen(_serve_command(model, "--port", str(port), "--api-key", KEY, *extra),
                                 stdout=out, stderr=subprocess.STDOUT, env=_env())
     url = f"http://127.0.0.1:{port}"
     try:
@@ -89,6 +91,12 @@ def server(model_path, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
     assert proc.returncode in (0, -15), log.read_text()
+
+
+@pytest.fixture(scope="module")
+def server(model_path, tmp_path_factory):
+    with launch(model_path, tmp_path_factory.mktemp("serve"), "--max-body-bytes", str(MAX_BODY)) as running:
+        yield running
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
