@@ -1,9 +1,8 @@
-"""Render Command R7B prompts from the project's chat templates, in a locked-down Jinja sandbox.
+"""Render Command R7B prompts from the project's chat templates (or a model file's own).
 
 `render_prompt` is the one way the runtime builds a prompt: it checks and normalizes the
-conversation once, picks a template that can show it, and renders. Templates read from model files
-are untrusted code, so every template (ours included) runs in the same sandbox, which is configured
-like transformers' chat-template environment minus the globals no chat template needs.
+conversation once, picks a template that can show it, and renders it in the sandbox
+(sandbox.py). Templates read from model files render under a time limit as well.
 """
 
 from __future__ import annotations
@@ -12,212 +11,22 @@ import argparse
 import json
 import sys
 from collections.abc import Mapping, Sequence
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import jinja2
-from jinja2.exceptions import SecurityError
-from jinja2.ext import loopcontrols
-from jinja2.filters import do_attr
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-from jinja2.utils import Namespace
-
 from r7b.errors import R7BError
 from r7b.templates import TEMPLATE_NAMES, preambles, template_source
+
+from .sandbox import UNTRUSTED_SECONDS, TemplateError, plain_copy, render
+from .sandbox import render_template_source  # noqa: F401 -- re-exported
 
 BOS_TOKEN = "<BOS_TOKEN>"
 EOS_TOKEN = "<|END_OF_TURN_TOKEN|>"
 MODES = ("conversational", "instruct")
 SAFETY_MODES = ("contextual", "strict")
-MAX_REPEAT_ITEMS = 1_000_000  # `"x" * n` and `[x] * n` in a template
-MAX_POWER_EXPONENT = 1024  # `a ** n`
-_MIN_JINJA = (3, 1, 6)  # earlier versions have known sandbox escapes
-
-
-class TemplateError(R7BError):
-    """A prompt could not be rendered: bad input, a template that failed, or one that was unsafe."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()) or "the chat template failed")
-
-
-# -- the sandbox ---------------------------------------------------------------------------
-
-
-def _is_private(name: Any) -> bool:
-    return isinstance(name, str) and name.startswith("_")
-
-
-def _refuse_private(obj: Any, name: Any) -> None:
-    """Underscore names reach Python internals; only a mapping's own data keys may use them."""
-    if _is_private(name) and not (isinstance(obj, Mapping) and name in obj):
-        raise SecurityError(f"a chat template may not access {name!r}")
-
-
-class _Sandbox(ImmutableSandboxedEnvironment):
-    """Jinja's immutable sandbox, made to fail loudly instead of yielding empty strings.
-
-    Stock Jinja turns a blocked attribute into an undefined value that prints as "", so a probing
-    template renders quietly. Here any private name or unsafe attribute raises at once.
-    """
-
-    intercepted_binops = frozenset({"*", "**"})
-
-    def getattr(self, obj: Any, attribute: str) -> Any:
-        _refuse_private(obj, attribute)
-        return super().getattr(obj, attribute)
-
-    def getitem(self, obj: Any, argument: Any) -> Any:
-        _refuse_private(obj, argument)
-        return super().getitem(obj, argument)
-
-    def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
-        raise SecurityError(f"a chat template may not access {attribute!r} of a {type(obj).__name__}")
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        """Bound the two operators that turn a short template into gigabytes or hours."""
-        if operator == "*":
-            sized, count = (left, right) if isinstance(right, int) else (right, left)
-            if isinstance(sized, (str, list, tuple)) and isinstance(count, int):
-                if len(sized) * count > MAX_REPEAT_ITEMS:
-                    raise SecurityError(f"a chat template may not build sequences over {MAX_REPEAT_ITEMS} items")
-        elif operator == "**" and isinstance(right, int) and right > MAX_POWER_EXPONENT:
-            raise SecurityError(f"a chat template may not raise to powers over {MAX_POWER_EXPONENT}")
-        return super().call_binop(context, operator, left, right)
-
-
-class _TemplateNamespace(Namespace):
-    """`namespace()` for templates, refusing underscore names (they would shadow internals)."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 -- Jinja's signature: `self` may be a key
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            _TemplateNamespace.check_name(name)
-        Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _TemplateNamespace.check_name(name)
-        Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def check_name(name: Any) -> None:
-        if _is_private(name):
-            raise SecurityError(f"a chat template may not store {name!r} in a namespace")
-
-
-class _TemplateDict:
-    """`dict()` for templates, without exposing the `dict` type itself."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict:
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, keys: Any, value: Any = None) -> dict:
-        return dict.fromkeys(keys, value)
-
-
-def _raise_exception(message: Any) -> None:
-    raise jinja2.TemplateError(str(message))
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
-    """transformers' `tojson`: plain `json.dumps`, non-ASCII kept, no HTML escaping."""
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-@jinja2.pass_environment
-def _attr(environment: jinja2.Environment, obj: Any, name: Any) -> Any:
-    """`|attr` looks names up outside the sandbox's getattr, so it gets the same guard."""
-    _refuse_private(obj, name)
-    return do_attr(environment, obj, name)
-
-
-@lru_cache(maxsize=1)
-def _environment() -> _Sandbox:
-    if _jinja_version() < _MIN_JINJA:
-        raise TemplateError(f"jinja2 {jinja2.__version__} has known sandbox escapes; install jinja2>=3.1.6")
-    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    for name in ("cycler", "joiner", "lipsum"):
-        env.globals.pop(name, None)
-    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now,
-                       namespace=_TemplateNamespace, dict=_TemplateDict())
-    env.filters.update(tojson=_tojson, attr=_attr)
-    return env
-
-
-def _jinja_version() -> tuple[int, ...]:
-    return tuple(int(part) for part in jinja2.__version__.split(".")[:3] if part.isdigit())
-
-
-@lru_cache(maxsize=16)
-def _compile(source: str) -> jinja2.Template:
-    return _environment().from_string(source)
-
-
-def _render(source: str, label: str, variables: dict[str, Any]) -> str:
-    """Render `source`; any failure, whatever its kind, becomes a TemplateError naming it."""
-    try:
-        return _compile(source).render(**variables)
-    except TemplateError:
-        raise
-    except jinja2.TemplateSyntaxError as exc:
-        raise TemplateError(f"{label} has a syntax error on line {exc.lineno}: {exc.message}") from None
-    except SecurityError as exc:
-        raise TemplateError(f"{label} tried an unsafe operation: {exc}") from None
-    except jinja2.TemplateError as exc:
-        raise TemplateError(f"{label} failed: {exc.message or type(exc).__name__}") from None
-    except RecursionError:
-        raise TemplateError(f"{label} failed: recursion too deep") from None
-    except Exception as exc:  # a template can raise anything Python can (TypeError, ...)
-        raise TemplateError(f"{label} failed: {type(exc).__name__}: {exc}") from None
-
-
-def render_template_source(source: str, **variables: Any) -> str:
-    """Render any template string (for example one read from a GGUF file) in the sandbox.
-
-    Variables are first copied into plain JSON values, so the template cannot call methods of
-    whatever objects the caller had. Code execution and data access are blocked; very slow or
-    very large renders are only partly bounded, so run unknown templates with a time limit.
-    """
-    if not isinstance(source, str):
-        raise TemplateError("a chat template must be a string")
-    return _render(source, "chat template", _plain(variables, "template variables"))
 
 
 # -- input data ----------------------------------------------------------------------------
-
-
-def _plain(value: Any, where: str) -> Any:
-    """A copy built only from JSON types, so nothing a template sees has callable methods."""
-    try:
-        return _copy_plain(value, where)
-    except RecursionError:
-        raise TemplateError(f"{where} are nested too deeply (or refer to themselves)") from None
-
-
-def _copy_plain(value: Any, where: str) -> Any:
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, str):  # subclasses (enums, ...) may carry methods
-        return str.__str__(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
-    if isinstance(value, Mapping):
-        return {_copy_plain(k, where): _copy_plain(v, where) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return tuple(_copy_plain(v, where) for v in value)
-    if isinstance(value, list):
-        return [_copy_plain(v, where) for v in value]
-    raise TemplateError(f"{where} hold a {type(value).__name__}; only JSON values can be rendered")
 
 
 def _object_list(value: Any, what: str) -> list[dict]:
@@ -226,7 +35,7 @@ def _object_list(value: Any, what: str) -> list[dict]:
     for i, item in enumerate(value):
         if not isinstance(item, Mapping):
             raise TemplateError(f"{what}[{i}] must be an object, not {type(item).__name__}")
-    return _plain(list(value), what)
+    return plain_copy(list(value), what)
 
 
 def prepare_messages(messages: Sequence[Mapping[str, Any]], *, normalize: bool = True) -> list[dict]:
@@ -389,13 +198,15 @@ def render_prompt(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping
                   documents: Sequence[Mapping] | None = None, *, template: str = "auto",
                   add_generation_prompt: bool = True, enable_citations: bool = False,
                   mode: str | None = None, safety: str | None = None, normalize: bool = True,
-                  **extra: Any) -> str:
+                  sources: Mapping[str, str] | None = None, **extra: Any) -> str:
     """The prompt string for a conversation, exactly as Command R7B expects it.
 
     `template`: "auto" (see `select_template`) or a name from TEMPLATE_NAMES. `mode`/`safety`
     add one of Cohere's preambles (see `with_preamble`). `normalize=False` renders the messages as
     transformers would (None keys dropped, nothing else changed). `extra` become template
-    variables; `bos_token` and `eos_token` default to Command R7B's.
+    variables; `bos_token` and `eos_token` default to Command R7B's. `sources` replaces the
+    built-in templates by name (a model file's own: `r7b.templates.gguf_templates`); they are
+    untrusted code and render under a time limit.
     Raises TemplateError (an R7BError) for any input or template failure.
     """
     msgs = prepare_messages(messages, normalize=normalize)
@@ -406,13 +217,24 @@ def render_prompt(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping
         raise TemplateError(f"unknown template {template!r}: choose auto or one of {', '.join(TEMPLATE_NAMES)}")
     if mode is not None or safety is not None:
         msgs = with_preamble(msgs, agentic=uses_agentic_format(name, doc_list), mode=mode, safety=safety)
-    variables = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, **_plain(extra, "template variables"),
+    variables = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, **plain_copy(extra, "template variables"),
                  "messages": msgs, "tools": tool_list, "documents": doc_list,
                  "add_generation_prompt": add_generation_prompt, "enable_citations": enable_citations}
+    source, label, seconds = _source(name, sources)
     try:
-        return _render(template_source(name), f"chat template {name!r}", variables)
+        return render(source, label, variables, seconds=seconds)
     except TemplateError as exc:
         raise TemplateError(f"{exc}{_hint(name, tool_list, doc_list)}") from None
+
+
+def _source(name: str, sources: Mapping[str, str] | None) -> tuple[str, str, float | None]:
+    """(source, label for errors, time limit) of the template to render."""
+    if sources is None:
+        return template_source(name), f"chat template {name!r}", None
+    if name not in sources:
+        have = ", ".join(sources) or "none"
+        raise TemplateError(f"the model file has no {name!r} chat template (it has: {have})")
+    return sources[name], f"the model file's chat template {name!r}", UNTRUSTED_SECONDS
 
 
 def _hint(name: str, tools: list | None, documents: list | None) -> str:

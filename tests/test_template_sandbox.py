@@ -54,6 +54,11 @@ PAYLOADS = {
     "huge_power": "{{ 9 ** 999999 }}",
     "huge_range": "{{ range(1000000000)|length }}",
     "unbounded_recursion": "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+    "cpu_spin": "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+    "string_doubling": "{% set ns = namespace(s='x' * 1000000) %}"
+                       "{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+    "list_doubling": "{% set ns = namespace(l=[0] * 100000) %}"
+                     "{% for i in range(64) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|length }}",
 }
 
 
@@ -67,8 +72,27 @@ def test_payload_fails_and_runs_nothing(tmp_path, payload):
     assert not sentinel.exists()
 
 
-def test_corpus_size():
+def test_corpus_size(security_tally):
     assert len(PAYLOADS) >= 20
+    security_tally("template sandbox", f"{len(PAYLOADS)} injection payloads, each refused with a TemplateError")
+
+
+@pytest.mark.parametrize("payload, limit", [("cpu_spin", "ran for more than"), ("string_doubling", "MiB of memory"),
+                                            ("list_doubling", "MiB of memory")])
+def test_limits_stop_runaway_templates(payload, limit):
+    with pytest.raises(TemplateError, match=limit):
+        render_template_source(PAYLOADS[payload], messages=[])
+
+
+def test_limits_are_lifted_afterwards():
+    """The trace function is removed again, whatever the template did."""
+    import sys
+
+    before = sys.gettrace()
+    with pytest.raises(TemplateError):
+        render_template_source(PAYLOADS["cpu_spin"], seconds=0.05)
+    assert sys.gettrace() is before
+    assert render_template_source("{{ 1 + 1 }}", seconds=None) == "2"
 
 
 def test_unused_jinja_globals_are_gone():

@@ -149,7 +149,7 @@ def loader_environment():
     """The sandbox with a loader over templates/, to render the files as written (imports and all)."""
     from jinja2 import FileSystemLoader
 
-    from r7b.runtime.prompt import _environment
+    from r7b.runtime.sandbox import _environment
 
     return _environment().overlay(loader=FileSystemLoader(str(TEMPLATE_DIR)))
 
