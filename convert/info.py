@@ -14,9 +14,10 @@ from typing import Any
 
 import gguf
 
+from r7b.templates import gguf_templates, template_source
+
 from .validate import validate_gguf
 
-TEMPLATE_KEYS = ("tokenizer.chat_template", "tokenizer.chat_template.tool_use", "tokenizer.chat_template.rag")
 
 
 def describe(path: str | Path) -> dict[str, Any]:
@@ -43,10 +44,18 @@ def describe(path: str | Path) -> dict[str, Any]:
         "tokenizer": {"model": meta.get("tokenizer.ggml.model"), "pre": meta.get("tokenizer.ggml.pre"),
                       "bos_id": meta.get("tokenizer.ggml.bos_token_id"),
                       "eos_id": meta.get("tokenizer.ggml.eos_token_id")},
-        "chat_templates": [k.removeprefix("tokenizer.chat_template").lstrip(".") or "default"
-                           for k in TEMPLATE_KEYS if k in meta],
+        "chat_templates": _templates(meta),
         "quantization": {k: v for k, v in meta.items() if k.startswith(("quantize.", "r7b."))},
     }
+
+
+def _templates(meta: dict[str, Any]) -> dict[str, str]:
+    """Each template the file carries: "builtin" when it is r7b-edge's own, byte for byte, else "custom".
+
+    Only compared, never rendered: `--chat-template gguf` renders a custom one, sandboxed.
+    """
+    return {name: "builtin" if source == template_source(name) else "custom"
+            for name, source in gguf_templates(meta).items()}
 
 
 def _numel(shape) -> int:
@@ -85,7 +94,7 @@ def format_info(info: dict[str, Any]) -> str:
         f"  context        {hp.get('context_length')} tokens, sliding window {hp.get('attention.sliding_window')}",
         f"  vocabulary     {info['vocab_size']} tokens ({info['tokenizer']['model']}, "
         f"pre-tokenizer {info['tokenizer']['pre']})",
-        f"  chat templates {', '.join(info['chat_templates']) or 'none'}",
+        f"  chat templates " + (", ".join(f"{k} ({v})" for k, v in info["chat_templates"].items()) or "none"),
     ]
     for key, value in info["quantization"].items():
         lines.append(f"  {key:<14} {value}")

@@ -24,10 +24,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-layers", type=int, default=0, help="layers to offload (-1: all, on Metal/CUDA builds)")
     p.add_argument("--ctx", type=int, default=8192, help="context size in tokens (default 8192)")
     p.add_argument("--kv-type", default="f16", help="KV cache type: f16, q8_0, q4_0 ... (default f16)")
+    add_chat_template_arg(p)
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.3)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
+
+
+def add_chat_template_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chat-template", choices=("builtin", "gguf"), default="builtin",
+                   help="prompt format: r7b-edge's Command R7B templates (default), or the GGUF's own "
+                        "(rendered sandboxed, for fine-tunes that changed them)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -58,7 +65,7 @@ def _load(args: argparse.Namespace):
     from .model import ChatSession, Model
 
     model = Model.load(args.model, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
-                       kv_type=args.kv_type)
+                       kv_type=args.kv_type, chat_template=args.chat_template)
     return ChatSession(model, system=args.system, tools=_read_json_list(args.tools, "tools"),
                        documents=_read_json_list(args.documents, "documents"), mode=args.mode,
                        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)

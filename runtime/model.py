@@ -21,6 +21,7 @@ from .parse import ParsedOutput, StreamParser, parse_output, to_assistant_messag
 from .prompt import render_prompt
 from .protect import Protector, tokenize_rendered
 
+CHAT_TEMPLATES = ("builtin", "gguf")
 STOP_TEXTS = ("<|END_OF_TURN_TOKEN|>", "<|END_RESPONSE|>")
 RESPONSE_OPEN = "<|START_RESPONSE|>"
 
@@ -78,12 +79,36 @@ def tool_call_ids(messages: Sequence[dict]) -> list[str]:
     return ids
 
 
+def file_templates(summary: Any) -> dict[str, str]:
+    """A GGUF's own chat templates, each tried once in the sandbox so a bad one fails at load."""
+    from r7b.templates import gguf_templates
+
+    sources = gguf_templates(summary.metadata)
+    if not sources:
+        raise R7BError(f"{summary.path} carries no chat template; use chat_template='builtin'")
+    for name in sources:
+        messages, tools, documents = _SAMPLES[name]
+        try:
+            render_prompt(messages, tools, documents, template=name, sources=sources)
+        except R7BError as exc:
+            raise R7BError(f"{summary.path}: {exc}") from None
+    return sources
+
+
+_TOOL = {"type": "function", "function": {"name": "search", "description": "Search the web.",
+                                          "parameters": {"type": "object", "properties": {}}}}
+_SAMPLES = {"default": ([{"role": "user", "content": "Hello"}], None, None),
+            "tool_use": ([{"role": "user", "content": "Hello"}], [_TOOL], None),
+            "rag": ([{"role": "user", "content": "Hello"}], None, [{"title": "t", "text": "Some text."}])}
+
+
 class Model:
     """A Command R7B GGUF loaded with llama.cpp. Not thread-safe: one call at a time."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, template_sources: dict[str, str] | None = None):
         self.engine = engine
         self.path = engine.path
+        self.template_sources = template_sources
         control = engine.control_tokens()
         self.protector = Protector(control)
         self._stop_ids = frozenset(control[t] for t in STOP_TEXTS if t in control)
@@ -91,14 +116,21 @@ class Model:
     @classmethod
     def load(cls, path: str | os.PathLike, *, n_ctx: int = 8192, n_threads: int | None = None,
              n_gpu_layers: int = 0, kv_type: str = "f16", swa_full: bool = False, n_batch: int = 512,
-             check_memory: bool = True, verbose: bool = False) -> "Model":
-        """Load a GGUF. CPU by default; n_gpu_layers=-1 offloads all layers (Metal, CUDA) where built."""
+             check_memory: bool = True, chat_template: str = "builtin", verbose: bool = False) -> "Model":
+        """Load a GGUF. CPU by default; n_gpu_layers=-1 offloads all layers (Metal, CUDA) where built.
+
+        `chat_template="gguf"` formats prompts with the file's own templates instead of the
+        project's (for a fine-tune that changed them); they are checked here, in the sandbox.
+        """
         path = Path(path)
         if not path.is_file():
             raise R7BError(f"no such model file: {path}")
         from r7b.convert.validate import validate_gguf
 
         summary = validate_gguf(path, arch="cohere2", check_tensor_data=False)
+        if chat_template not in CHAT_TEMPLATES:
+            raise R7BError(f"chat_template must be one of {', '.join(CHAT_TEMPLATES)}, not {chat_template!r}")
+        sources = file_templates(summary) if chat_template == "gguf" else None
         n_ctx = min(n_ctx, int(summary.metadata.get("cohere2.context_length", n_ctx))) or n_ctx
         if check_memory:
             from .memory import check_fits
@@ -108,7 +140,7 @@ class Model:
             raise R7BError(f"n_ctx must be at least 256 tokens, got {n_ctx}")
         config = EngineConfig(n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                               kv_type=kv_type, swa_full=swa_full, verbose=verbose)
-        return cls(Engine(path, config))
+        return cls(Engine(path, config), sources)
 
     def close(self) -> None:
         self.engine.close()
@@ -126,7 +158,8 @@ class Model:
         """The fenced prompt string (see protect.py); `Protector.strip` gives the plain one."""
         fence = self.protector.fence
         return render_prompt(fence(list(messages)), fence(tools) if tools is not None else None,
-                             fence(documents) if documents is not None else None, **options)
+                             fence(documents) if documents is not None else None, sources=self.template_sources,
+                             **options)
 
     def tokenize_prompt(self, rendered: str) -> list[int]:
         return tokenize_rendered(rendered, lambda text, special: self.engine.tokenize(text, special=special))

@@ -12,6 +12,8 @@ import re
 import unicodedata
 from typing import Any, Callable, Iterable
 
+from r7b.errors import R7BError
+
 OPEN, CLOSE = "\ue000", "\ue001"
 _FENCED = re.compile(f"{OPEN}(.*?){CLOSE}", re.S)
 
@@ -36,7 +38,11 @@ class Protector:
 
     @staticmethod
     def split(rendered: str) -> list[tuple[str, bool]]:
-        """Pieces of a rendered prompt: (text, True) for fenced data, (text, False) for template text."""
+        """Pieces of a rendered prompt: (text, True) for fenced data, (text, False) for template text.
+
+        A fence left unpaired (a template that cut a string it was given) would leave data outside
+        any fence, so it is refused rather than guessed at.
+        """
         pieces, pos = [], 0
         for m in _FENCED.finditer(rendered):
             if m.start() > pos:
@@ -45,6 +51,9 @@ class Protector:
             pos = m.end()
         if pos < len(rendered):
             pieces.append((rendered[pos:], False))
+        if any(OPEN in text or CLOSE in text for text, _ in pieces):
+            raise R7BError("the chat template cut a message apart where it holds control-token text, "
+                           "so that text could not be kept from becoming control tokens")
         return pieces
 
     @staticmethod

@@ -11,11 +11,16 @@ from __future__ import annotations
 import json
 import re
 from functools import lru_cache
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from r7b.errors import R7BError
 
 TEMPLATE_NAMES = ("default", "tool_use", "rag")
+# Where GGUF files keep each template (llama.cpp's and gguf-py's key names).
+GGUF_KEYS = {"default": "tokenizer.chat_template", "tool_use": "tokenizer.chat_template.tool_use",
+             "rag": "tokenizer.chat_template.rag"}
 TEMPLATE_DIR = Path(__file__).resolve().parent
 
 # `{% from "_part.jinja" import a, b %}` on its own line; only partials are ever imported.
@@ -27,6 +32,12 @@ def template_source(name: str) -> str:
     if name not in TEMPLATE_NAMES:
         raise R7BError(f"unknown chat template {name!r}: choose one of {', '.join(TEMPLATE_NAMES)}")
     return _flattened(name)
+
+
+def gguf_templates(metadata: Mapping[str, Any]) -> dict[str, str]:
+    """The chat templates a GGUF's metadata carries, by name (untrusted: render them sandboxed)."""
+    found = {name: metadata.get(key) for name, key in GGUF_KEYS.items()}
+    return {name: value for name, value in found.items() if isinstance(value, str)}
 
 
 @lru_cache(maxsize=None)

@@ -48,6 +48,30 @@ def stand_in_gguf(stand_in, gguf_dir):
 
 
 @pytest.fixture(scope="session")
+def edited_gguf(tmp_path_factory):
+    """Factory: (source GGUF, {key: (value, GGUFValueType)}, name, remove=keys) -> an edited copy.
+
+    `"tokenizer.chat_template"` replaces all chat templates (a string, or gguf-py's list of
+    {"name", "template"}); the tensors are copied untouched. Uses gguf-py's own metadata editor.
+    """
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    folder = tmp_path_factory.mktemp("edited")
+
+    def edit(source: Path, changes: dict, name: str, remove: tuple[str, ...] = ()) -> Path:
+        reader = gguf.GGUFReader(source)
+        arch = reader.fields["general.architecture"].contents()
+        out = folder / name
+        writer = gguf.GGUFWriter(out, arch=arch, endianess=reader.endianess)
+        new = {key: MetadataDetails(vtype, value) for key, (value, vtype) in changes.items()}
+        copy_with_new_metadata(reader, writer, new, list(remove))
+        return out
+
+    return edit
+
+
+@pytest.fixture(scope="session")
 def hf_tokenizer(stand_in):
     """The reference tokenizer, straight from tokenizer.json with the `tokenizers` library."""
     from tokenizers import Tokenizer
@@ -63,3 +87,23 @@ def hf_model(stand_in):
     torch.set_num_threads(2)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(stand_in), dtype=torch.float32)
     return model.eval()
+
+
+_SECURITY_TALLY: list[tuple[str, str]] = []
+
+
+@pytest.fixture(scope="session")
+def security_tally():
+    """`record(check, line)`: how many cases a fuzz or corpus tried, shown at the end of the run."""
+
+    def record(check: str, line: str) -> None:
+        _SECURITY_TALLY.append((check, line))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _SECURITY_TALLY:
+        terminalreporter.section("security checks")
+        for check, line in _SECURITY_TALLY:
+            terminalreporter.write_line(f"{check}: {line}")
