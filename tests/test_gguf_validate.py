@@ -568,11 +568,10 @@ def test_bf16_scan(build):
 
 
 @pytest.fixture(scope="module")
-def fuzz_source(tiny_gguf) -> Path:
-    """The file the fuzz mutates: the synthetic model, or a GGUF named by R7B_FUZZ_GGUF
-    (the stand-in's conversion, say) once one is to hand."""
+def fuzz_source(stand_in_gguf) -> Path:
+    """The file the fuzz mutates: the stand-in's F16 conversion, or a GGUF named by R7B_FUZZ_GGUF."""
     override = os.environ.get("R7B_FUZZ_GGUF")
-    return Path(override) if override else tiny_gguf
+    return Path(override) if override else stand_in_gguf("f16")
 
 
 def _integer_fields(path: Path) -> list[tuple[int, int]]:
@@ -658,7 +657,7 @@ class Mutator:
 
 
 @pytest.fixture(scope="module")
-def fuzz_outcome(fuzz_source, tmp_path_factory) -> FuzzOutcome:
+def fuzz_outcome(fuzz_source, tmp_path_factory, security_tally) -> FuzzOutcome:
     folder = tmp_path_factory.mktemp("fuzz")
     mutator, outcome = Mutator(fuzz_source, FUZZ_SEED), FuzzOutcome()
     data_only: list[Path] = []
@@ -682,8 +681,11 @@ def fuzz_outcome(fuzz_source, tmp_path_factory) -> FuzzOutcome:
     outcome.seconds = time.perf_counter() - start
     header_accepted = len(outcome.accepted)
     outcome.accepted += data_only
-    print(f"\nGGUF fuzz: {outcome.tried} cases, {outcome.rejected} rejected, {len(outcome.accepted)} accepted "
-          f"({header_accepted} with header changes), {outcome.seconds:.2f} s, slowest {outcome.slowest * 1000:.0f} ms")
+    line = (f"{outcome.tried} mutants of {fuzz_source.name} (seed {FUZZ_SEED}): {outcome.rejected} rejected, "
+            f"{len(outcome.accepted)} accepted ({header_accepted} with header changes), {len(outcome.surprises)} "
+            f"other exceptions, {outcome.seconds:.2f} s, slowest {outcome.slowest * 1000:.0f} ms")
+    print(f"\nGGUF fuzz: {line}")
+    security_tally("GGUF fuzz", line)
     return outcome
 
 
