@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -28,13 +28,22 @@ def check_output_path(path: str | os.PathLike, *, force: bool = False) -> Path:
     return out
 
 
+def _new_temp(out: Path) -> Path:
+    """An empty hidden file beside `out`, with the permissions the umask gives (mkstemp's are 0600)."""
+    while True:
+        tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.part"
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
     out = check_output_path(path, force=force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent or ".")
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _new_temp(out)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:

@@ -54,6 +54,7 @@ def test_sigkill_leaves_nothing_valid_and_rerun_succeeds(command, stand_in, stan
     start = time.monotonic()
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     full = time.monotonic() - start
+    complete = out.read_bytes()
     out.unlink()
     rng = random.Random(f"kill-{command}")
     for _ in range(KILLS_PER_COMMAND):
@@ -61,9 +62,11 @@ def test_sigkill_leaves_nothing_valid_and_rerun_succeeds(command, stand_in, stan
         if code == 0:  # finished before the kill: the file must be complete
             assert _looks_valid_gguf(out)
             out.unlink()
-        else:
+        else:  # killed: no file, or (killed after the rename, while exiting) the complete one
             assert code == -signal.SIGKILL
-            assert not out.exists() or not _looks_valid_gguf(out), "a killed run left a valid-looking output"
+            if out.exists() and _looks_valid_gguf(out):
+                assert out.read_bytes() == complete, "a killed run left a partial output that looks valid"
+                out.unlink()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert _looks_valid_gguf(out)
@@ -105,3 +108,17 @@ def test_read_only_output_gives_clear_error(stand_in, tmp_path):
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert "not writable" in proc.stderr or "read-only" in proc.stderr.lower(), proc.stderr
         assert not out.exists()
+
+
+def test_outputs_get_the_usual_permissions(tmp_path):
+    """Written through a temporary file, an output still gets 0666 less the umask, like any new file."""
+    from r7b.fsutil import atomic_output
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_output(tmp_path / "out.bin") as tmp:
+            tmp.write_bytes(b"data")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
