@@ -46,6 +46,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable
 
 from r7b.errors import R7BError
 
+from .chat_cli import add_chat_template_arg
+
 if TYPE_CHECKING:
     from .model import ChatResult, Model
     from .openai_schema import ChatCompletionRequest
@@ -753,6 +755,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-layers", type=int, metavar="N", default=0,
                    help="layers to offload (-1: all, on Metal/CUDA builds)")
     p.add_argument("--kv-type", metavar="TYPE", default="f16", help="KV cache type: f16, q8_0, q4_0 ... (default f16)")
+    add_chat_template_arg(p)
     p.add_argument("--max-tokens", type=int, metavar="N",
                    help="most tokens one answer may have; requests asking for more get N, with finish_reason "
                         "'length' (default: the rest of the context)")
@@ -789,7 +792,7 @@ def _serve_main(args: argparse.Namespace) -> int:
     from .model import Model
 
     model = Model.load(args.model, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
-                       kv_type=args.kv_type)
+                       kv_type=args.kv_type, chat_template=args.chat_template)
     name = args.model_name or model.engine.metadata("general.name") or Path(args.model).stem
     app = create_app(model, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                      max_tokens=args.max_tokens)
