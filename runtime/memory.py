@@ -11,6 +11,7 @@ cells (padded to 256) however long the context is. Only the global layers (every
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -171,17 +172,62 @@ def format_bytes(n: int) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.1f} MiB"
 
 
-def check_fits(summary, *, n_ctx: int, kv_type: str = "f16", swa_full: bool = False) -> RamEstimate:
-    """Refuse, before llama.cpp allocates, a model whose weights plus KV cache exceed available memory."""
+def available_memory() -> int:
+    """Bytes this process can still use: free RAM, or less where a cgroup (a container) caps it."""
     import psutil
 
+    available = psutil.virtual_memory().available
+    room = cgroup_room()
+    return available if room is None else min(available, room)
+
+
+# (hierarchy folder under /sys/fs/cgroup, limit file, usage file) for cgroup v2 and v1
+_CGROUPS = {"": ("", "memory.max", "memory.current"),
+            "memory": ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes")}
+
+
+def cgroup_room(proc: Path = Path("/proc/self/cgroup"), sys_root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes left under this process's cgroup memory limit (None: no limit), page cache counted as free."""
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, where = line.split(":", 2)
+        kind = "" if controllers == "" else "memory" if "memory" in controllers.split(",") else None
+        if kind is None:
+            continue
+        hierarchy, limit_file, usage_file = _CGROUPS[kind]
+        folder = sys_root / hierarchy / where.lstrip("/")
+        try:
+            limit = (folder / limit_file).read_text().strip()
+            used = int((folder / usage_file).read_text()) - _inactive_file(folder / "memory.stat")
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # "max" or a huge number: no limit
+            return max(int(limit) - used, 0)
+    return None
+
+
+def _inactive_file(stat: Path) -> int:
+    for line in stat.read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key in ("inactive_file", "total_inactive_file"):
+            return int(value)
+    return 0
+
+
+def check_fits(summary, *, n_ctx: int, kv_type: str = "f16", swa_full: bool = False) -> RamEstimate:
+    """Refuse, before llama.cpp allocates, a model whose weights plus KV cache exceed available memory."""
     from r7b.errors import R7BError
 
     shape = ModelShape.from_metadata(summary.metadata)
     weights = sum(t.nbytes for t in summary.tensors)
     need = estimate_ram(weights, shape, n_ctx, kv_type=kv_type, swa_full=swa_full)
-    available = psutil.virtual_memory().available
+    available = available_memory()
     if need.total > available:
-        raise R7BError(f"{summary.path} needs about {format_bytes(need.total)} at {n_ctx} tokens of context "
-                       f"but only {format_bytes(available)} is available: use a smaller quantization or --ctx")
+        raise R7BError(f"{summary.path} needs about {format_bytes(need.total)} (weights {format_bytes(need.weights)}"
+                       f" + {kv_type} KV cache {format_bytes(need.kv_cache)} for {n_ctx} tokens + compute and runtime "
+                       f"{format_bytes(need.compute + need.overhead)}) but only {format_bytes(available)} is "
+                       "available: use a shorter context, a quantized KV cache or a smaller quantization")
     return need

@@ -63,3 +63,68 @@ def test_shape_from_metadata(stand_in_gguf):
     shape = read_model(stand_in_gguf("f16")).shape
     assert shape == ModelShape(n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64, hidden=256, ffn=768, vocab=8000,
                                sliding_window=64, context_length=8192, name=shape.name)
+
+
+# -- refusing what does not fit ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def long_context_gguf(stand_in_gguf, edited_gguf):
+    """The stand-in claiming a 2**30-token context: its one global layer would need 512 GiB of f16 KV."""
+    import gguf
+
+    return edited_gguf(stand_in_gguf("f16"), {"cohere2.context_length": (2**30, gguf.GGUFValueType.UINT32)},
+                       "long-context.gguf")
+
+
+def test_load_refuses_what_does_not_fit(long_context_gguf):
+    from r7b.errors import R7BError
+    from r7b.runtime.model import Model
+
+    with pytest.raises(R7BError) as info:
+        Model.load(long_context_gguf, n_ctx=2**30)
+    message = str(info.value)
+    # by hand: 1 global layer x 2**30 cells x (K + V) x 2 KV heads x 64 dims x 2 bytes = 512 GiB
+    assert "f16 KV cache 512.00 GiB for 1073741824 tokens" in message and "\n" not in message
+    assert re.search(r"needs about 512\.\d\d GiB .* but only [\d.]+ GiB is available", message), message
+    import gguf
+
+    weights = sum(int(t.n_bytes) for t in gguf.GGUFReader(long_context_gguf).tensors)
+    assert f"weights {weights / 2**20:.1f} MiB" in message
+    with Model.load(long_context_gguf, n_ctx=1024, n_threads=1) as model:  # a context that fits loads
+        assert model.engine.n_ctx == 1024
+
+
+def test_cli_refusal_is_one_line(long_context_gguf):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "r7b.cli", "generate", str(long_context_gguf), "--ctx", str(2**30),
+                          "--prompt", "hi"], capture_output=True, text=True, timeout=120)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 1 and len(lines) == 1 and "needs about" in lines[0], run.stderr
+
+
+@pytest.mark.parametrize("version, limit, usage, stat, expected", [
+    ("v2", "1073741824", "536870912", "anon 1\ninactive_file 134217728\n", 1024**3 - 512 * 1024**2 + 128 * 1024**2),
+    ("v2", "max", "536870912", "inactive_file 0\n", None),
+    ("v1", "2147483648", "1073741824", "cache 5\ninactive_file 0\ntotal_inactive_file 9\n", 1024**3),
+    ("v1", "9223372036854771712", "1073741824", "inactive_file 0\n", None),
+    ("v2", "1000", "5000", "inactive_file 0\n", 0),
+])
+def test_cgroup_room(tmp_path, version, limit, usage, stat, expected):
+    from r7b.runtime.memory import cgroup_room
+
+    proc = tmp_path / "cgroup"
+    if version == "v2":
+        proc.write_text("0::/app.slice/r7b\n")
+        folder, files = tmp_path / "app.slice" / "r7b", ("memory.max", "memory.current")
+    else:
+        proc.write_text("5:cpu,cpuacct:/x\n4:memory:/docker/abc\n0::/\n")
+        folder, files = tmp_path / "memory" / "docker" / "abc", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+    folder.mkdir(parents=True)
+    (folder / files[0]).write_text(limit + "\n")
+    (folder / files[1]).write_text(usage + "\n")
+    (folder / "memory.stat").write_text(stat)
+    assert cgroup_room(proc, tmp_path) == expected
+    assert cgroup_room(tmp_path / "missing", tmp_path) is None
