@@ -158,6 +158,20 @@ def test_prompt_longer_than_context_is_refused(stand_in_gguf):
         small.close()
 
 
+def test_answer_never_runs_past_the_context(stand_in_gguf):
+    """A max_tokens larger than the room left is cut at the end of the context, not an overflow."""
+    with Model.load(stand_in_gguf("f16"), n_ctx=256, n_threads=2) as small:
+        messages = [{"role": "user", "content": "word " * 60}]
+        n_prompt = len(prompt_tokens(small, messages))
+        result = small.chat(messages, max_tokens=100_000, temperature=0, grammar='root ::= [a-z ]+ "<|END_RESPONSE|>"')
+        assert result.finish_reason == "length"
+        assert 0 < result.usage.completion_tokens <= 256 - n_prompt
+        again = small.chat([{"role": "user", "content": "Hi"}], max_tokens=4)  # the context is usable afterwards
+        assert again.usage.completion_tokens <= 4
+        with pytest.raises(R7BError, match="max_tokens"):
+            small.chat(messages, max_tokens=0)
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(R7BError, match="no such model"):
         Model.load(tmp_path / "missing.gguf")
