@@ -564,6 +564,9 @@ def compare(path: str | Path, *, prompt_tokens: int = 512, gen_tokens: int = 128
         raise R7BError("need --prompt-tokens >= 2, --gen-tokens >= 1 and --repeat >= 1")
     if not Path(path).is_file():
         raise R7BError(f"no such model file: {path}")
+    from r7b.convert.validate import validate_gguf
+
+    validate_gguf(path, arch=None)  # before llama.cpp parses it
     settings = Settings(n_ctx=pad(prompt_tokens + gen_tokens), n_threads=threads or default_threads(),
                         swa_full=swa_full)
     tokens = random_prompt(path, prompt_tokens, seed)
