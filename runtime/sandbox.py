@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import sys
 import time
 from collections.abc import Mapping
@@ -164,6 +163,9 @@ class _OverLimit(Exception):
     """Raised inside template code that ran past its time or memory limit."""
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
 class _ResidentSize:
     """The process's resident size in bytes, read cheaply enough to check at every template line.
 
@@ -180,6 +182,10 @@ class _ResidentSize:
     def __call__(self) -> int:
         if self._fd is not None:
             return int(os.pread(self._fd, 64, 0).split()[1]) * _PAGE
+        try:
+            import resource
+        except ImportError:  # Windows: the memory limit goes unchecked, the time limit still holds
+            return 0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak if sys.platform == "darwin" else peak * 1024
 
@@ -188,18 +194,15 @@ class _ResidentSize:
             os.close(self._fd)
 
 
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
 @contextlib.contextmanager
 def _limits(seconds: float | None) -> Iterator[None]:
     """Stop template code that runs past `seconds` or grows the process by UNTRUSTED_MEMORY.
 
     Jinja compiles a template into Python functions whose file name is "<template>". A trace
     function on those frames (and only those) reads the clock and the resident size at every
-    line they run, so a loop written to spin for hours or to
-    double a string until the machine swaps raises instead. Size limits (MAX_REPEAT_ITEMS,
-    Jinja's range cap) keep single builtin calls short.
+    line they run, so a loop written to spin for hours or to double a string until the machine
+    swaps raises instead. Size limits (MAX_REPEAT_ITEMS, Jinja's range cap) keep single builtin
+    calls short.
     """
     if seconds is None:
         yield
