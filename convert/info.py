@@ -19,7 +19,6 @@ from r7b.templates import gguf_templates, template_source
 from .validate import validate_gguf
 
 
-
 def describe(path: str | Path) -> dict[str, Any]:
     """A JSON-ready summary: architecture, sizes, file type, vocabulary, templates."""
     summary = validate_gguf(path, arch=None, check_tensor_data=False)

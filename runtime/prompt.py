@@ -2,7 +2,7 @@
 
 `render_prompt` is the one way the runtime builds a prompt: it checks and normalizes the
 conversation once, picks a template that can show it, and renders it in the sandbox
-(sandbox.py). Templates read from model files render under a time limit as well.
+(sandbox.py). Templates read from model files also render under time and memory limits.
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def render_prompt(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping
     transformers would (None keys dropped, nothing else changed). `extra` become template
     variables; `bos_token` and `eos_token` default to Command R7B's. `sources` replaces the
     built-in templates by name (a model file's own: `r7b.templates.gguf_templates`); they are
-    untrusted code and render under a time limit.
+    untrusted code and render under time and memory limits.
     Raises TemplateError (an R7BError) for any input or template failure.
     """
     msgs = prepare_messages(messages, normalize=normalize)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
 from collections.abc import Mapping
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
