@@ -2,7 +2,10 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# llama-cpp-python compiles llama.cpp from source; pip caches the wheel after the first build.
+# llama-cpp-python compiles llama.cpp from source, with the RPC backend on, once per version:
+# scripts/llama_wheel.sh keeps the wheel in a cache outside the repository.
+LLAMA_CPP_VERSION ?= 0.3.36
+export R7B_CACHE ?= $(HOME)/.cache/r7b-edge
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: install dev test demo fixture quality bench clean
@@ -11,8 +14,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.core: pyproject.toml | $(BIN)/python
+$(VENV)/.core: pyproject.toml scripts/llama_wheel.sh | $(BIN)/python
+	$(BIN)/pip install -q "$$(PYTHON=$(BIN)/python scripts/llama_wheel.sh $(LLAMA_CPP_VERSION))"
 	$(BIN)/pip install -e .
+	@$(BIN)/python -c "import llama_cpp, sys; sys.exit(not llama_cpp.llama_supports_rpc())" || { \
+	  echo "llama-cpp-python in $(VENV) lacks the RPC backend; reinstalling the RPC build"; \
+	  $(BIN)/pip install -q --force-reinstall --no-deps "$$(PYTHON=$(BIN)/python scripts/llama_wheel.sh $(LLAMA_CPP_VERSION))"; }
 	touch $@
 
 # torch first and pinned: the CPU wheel; an unpinned torch would pull a multi-GB GPU build.
@@ -38,6 +45,12 @@ quality: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(BIN)/python scripts/bench_report.py
+
+# llama.cpp's own tools (llama-bench, llama-server, ...) as a yardstick, built from the same
+# llama-cpp-python sdist into $(R7B_CACHE)/peers/<version>/bin, once per version (scripts/peers.sh).
+.PHONY: peers
+peers:
+	LLAMA_CPP_VERSION=$(LLAMA_CPP_VERSION) scripts/peers.sh
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -15,31 +15,11 @@ from typing import Iterator
 
 import numpy as np
 
+from r7b.cohere2 import Cohere2Dims
 from r7b.errors import R7BError
 
 SAFETENSORS_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-SLIDING_PATTERN = 4  # llama.cpp fixes Cohere2 at three sliding-window layers, then one global
-
-
-@dataclass(frozen=True)
-class Cohere2Arch:
-    """The hyperparameters llama.cpp needs, normalized across old and new config styles."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    layer_norm_eps: float
-    logit_scale: float
-    rope_theta: float
-    sliding_window: int
-    context_length: int
-    tied_embeddings: bool
-    rope_dim: int
 
 
 def _read_json(path: Path) -> dict:
@@ -51,70 +31,12 @@ def _read_json(path: Path) -> dict:
         raise R7BError(f"invalid JSON in {path}: {exc}") from None
 
 
-def _rope_theta(cfg: dict) -> float:
-    params = cfg.get("rope_parameters") or {}
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    scaling = cfg.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if rope_type not in (None, "default"):
-        raise R7BError(f"unsupported RoPE scaling {rope_type!r}: llama.cpp runs Cohere2 with plain RoPE")
-    return float(theta)
-
-
-def _check_layer_pattern(cfg: dict, num_layers: int) -> None:
-    """Refuse checkpoints whose sliding/global layout differs from the one llama.cpp hard-codes."""
-    expected = ["sliding_attention" if (i + 1) % SLIDING_PATTERN else "full_attention" for i in range(num_layers)]
-    layer_types = cfg.get("layer_types")
-    if layer_types is not None and list(layer_types) != expected:
-        raise R7BError("layer_types must repeat 3 sliding-window layers then 1 global layer, as llama.cpp expects")
-    pattern = cfg.get("sliding_window_pattern", SLIDING_PATTERN)
-    if layer_types is None and pattern != SLIDING_PATTERN:
-        raise R7BError(f"sliding_window_pattern {pattern} is not supported (llama.cpp expects {SLIDING_PATTERN})")
-
-
-def _require(cfg: dict, key: str):
-    if key not in cfg:
-        raise R7BError(f"config.json lacks {key!r}")
-    return cfg[key]
-
-
-def read_arch(folder: Path) -> Cohere2Arch:
-    """Read config.json; accepts both the published R7B keys and transformers 5's layer_types/rope_parameters."""
+def read_dims(folder: Path) -> Cohere2Dims:
+    """The model's sizes from config.json (see `Cohere2Dims.from_hf_config` for the accepted keys)."""
     cfg = _read_json(folder / "config.json")
     if not isinstance(cfg, dict):
         raise R7BError(f"{folder / 'config.json'} is not a JSON object")
-    model_type = cfg.get("model_type")
-    if model_type != "cohere2":
-        raise R7BError(f"not a Command R7B (Cohere2) checkpoint: model_type is {model_type!r}, expected 'cohere2'")
-    hidden, heads = int(_require(cfg, "hidden_size")), int(_require(cfg, "num_attention_heads"))
-    if hidden % heads:
-        raise R7BError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
-    head_dim = hidden // heads
-    kv_heads = int(cfg.get("num_key_value_heads") or heads)
-    if heads % kv_heads:
-        raise R7BError(f"num_attention_heads {heads} is not divisible by num_key_value_heads {kv_heads}")
-    layers = int(_require(cfg, "num_hidden_layers"))
-    _check_layer_pattern(cfg, layers)
-    rotary = float(cfg.get("rotary_pct", (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)))
-    window = cfg.get("sliding_window")
-    if not window or int(window) < 1:
-        raise R7BError("config.json needs a positive sliding_window for Cohere2")
-    return Cohere2Arch(
-        vocab_size=int(_require(cfg, "vocab_size")),
-        hidden_size=hidden,
-        intermediate_size=int(_require(cfg, "intermediate_size")),
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-5)),
-        logit_scale=float(cfg.get("logit_scale", 1.0)),
-        rope_theta=_rope_theta(cfg),
-        sliding_window=int(window),
-        context_length=int(cfg.get("max_position_embeddings", 8192)),
-        tied_embeddings=bool(cfg.get("use_embedding_sharing", cfg.get("tie_word_embeddings", True))),
-        rope_dim=int(rotary * head_dim),
-    )
+    return Cohere2Dims.from_hf_config(cfg)
 
 
 @dataclass(frozen=True)

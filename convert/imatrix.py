@@ -1,4 +1,4 @@
-"""Collect an importance matrix from text (`r7b imatrix`) and read imatrix files.
+"""Collect an importance matrix from text (`r7b imatrix`).
 
 Quantizers round each weight row to minimise an error weighted per input column. Columns that
 carry large activations matter most, so llama.cpp weighs them by the mean squared activation
@@ -9,29 +9,26 @@ weight and accumulates the sum of squared inputs per column and the number of ro
 projection is collected as well: in Command R7B it is the tied token embedding, which llama-imatrix
 skips, and weighting its columns lowered the KL divergence a little on the stand-in.
 
-Files use llama.cpp's GGUF imatrix layout (`general.type = imatrix`; tensors `<weight>.in_sum2`
-and `<weight>.counts`; `imatrix.datasets`, `imatrix.chunk_count`, `imatrix.chunk_size`), so they
-work with llama-quantize and vice versa. A path ending in `.dat` selects the legacy binary format.
+Files are written in llama.cpp's imatrix layouts (see `imatrix_file.py`).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
-import struct
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import gguf
+import llama_cpp
 import numpy as np
 from tqdm import tqdm
 
 from r7b.errors import R7BError
 from r7b.fsutil import atomic_output, check_output_path
+from r7b.gguf_validate import validate_gguf
+from r7b.llama import Batch, LlamaModel, free_context
 
-from .validate import validate_gguf
+from .imatrix_file import Imatrix, write_imatrix
 
 GGML_MAX_DIMS = 4
 GGML_MAX_OP_PARAMS = 64
@@ -62,165 +59,12 @@ class GGMLTensor(ctypes.Structure):
     ]
 
 
-@dataclass
-class Imatrix:
-    """Per-weight sums of squared input activations, as llama.cpp stores them."""
-
-    sums: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n_mat, n_cols) float64
-    counts: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n_mat,) rows seen
-    datasets: list[str] = field(default_factory=list)
-    chunk_count: int = 0
-    chunk_size: int = 0
-
-    def means(self) -> dict[str, np.ndarray]:
-        """Mean squared activation per column, flattened: what the quantizer receives."""
-        out = {}
-        for name, sums in self.sums.items():
-            counts = self.counts[name].reshape(-1, 1).astype(np.float64)
-            mean = np.where(counts > 0, sums / np.maximum(counts, 1), 1.0)
-            out[name] = mean.astype(np.float32).ravel()
-        return out
-
-
-# -- reading ------------------------------------------------------------------------------------
-
-def read_imatrix(path: str | Path) -> Imatrix:
-    """Read a GGUF or legacy `.dat` imatrix; a damaged file is an R7BError."""
-    p = Path(path)
-    if not p.is_file():
-        raise R7BError(f"imatrix file not found: {p}")
-    with open(p, "rb") as fh:
-        magic = fh.read(4)
-    if magic != b"GGUF":
-        try:
-            return _read_legacy(p)
-        except (ValueError, UnicodeDecodeError, struct.error):
-            raise R7BError(f"{p} is not an imatrix file (neither GGUF nor the legacy .dat format)") from None
-    validate_gguf(p, arch=None)  # bounds and layout, before gguf's reader trusts them
-    try:
-        return _read_gguf(p)
-    except (ValueError, KeyError, IndexError) as exc:
-        raise R7BError(f"{p} is not a valid GGUF imatrix ({exc})") from None
-
-
-def load_imatrix(path: str | Path) -> dict[str, np.ndarray]:
-    """Weight name -> per-column mean squared activation (float32), from either file format."""
-    return read_imatrix(path).means()
-
-
-def _read_gguf(path: Path) -> Imatrix:
-    reader = gguf.GGUFReader(path)
-    kind = _field(reader, "general.type")
-    if kind is not None and kind != "imatrix":
-        raise ValueError(f"general.type is {kind!r}, not 'imatrix'")
-    imx = Imatrix(datasets=list(_field(reader, "imatrix.datasets") or []),
-                  chunk_count=int(_field(reader, "imatrix.chunk_count") or 0),
-                  chunk_size=int(_field(reader, "imatrix.chunk_size") or 0))
-    tensors = {t.name: t for t in reader.tensors}
-    for name, t in tensors.items():
-        if not name.endswith(".in_sum2"):
-            continue
-        base = name.removesuffix(".in_sum2")
-        counts = tensors.get(f"{base}.counts")
-        if counts is None:
-            raise ValueError(f"{base} has sums but no counts")
-        n_mat = int(counts.n_elements)
-        sums = np.asarray(t.data, dtype=np.float64).reshape(n_mat, -1)
-        imx.sums[base] = sums
-        imx.counts[base] = np.asarray(counts.data, dtype=np.float64).reshape(n_mat)
-    if not imx.sums:
-        raise ValueError("no .in_sum2 tensors")
-    return imx
-
-
-def _field(reader: gguf.GGUFReader, key: str):
-    f = reader.get_field(key)
-    return None if f is None else f.contents()
-
-
-def _read_legacy(path: Path) -> Imatrix:
-    """llama.cpp's original format: entries of (name, ncall, values = mean * ncall)."""
-    data = path.read_bytes()
-    pos = 0
-
-    def take(fmt: str):
-        nonlocal pos
-        out = struct.unpack_from(fmt, data, pos)
-        pos += struct.calcsize(fmt)
-        return out
-
-    (n_entries,) = take("<i")
-    if n_entries < 1:
-        raise ValueError("no entries")
-    imx = Imatrix()
-    for _ in range(n_entries):
-        (n,) = take("<i")
-        if not 0 < n <= GGML_MAX_NAME:
-            raise ValueError("bad name length")
-        name = data[pos:pos + n].decode("utf-8")
-        pos += n
-        ncall, nval = take("<ii")
-        if nval < 1 or pos + 4 * nval > len(data):
-            raise ValueError(f"bad entry {name!r}")
-        values = np.frombuffer(data, dtype="<f4", count=nval, offset=pos).astype(np.float64)
-        pos += 4 * nval
-        imx.sums[name] = values.reshape(1, -1)
-        imx.counts[name] = np.array([float(max(ncall, 0))]) if ncall > 0 else np.array([1.0])
-    if pos + 4 <= len(data):
-        (imx.chunk_count,) = take("<i")
-    if pos + 4 <= len(data):
-        (n,) = take("<i")
-        if 0 < n <= len(data) - pos:
-            imx.datasets = [data[pos:pos + n].decode("utf-8", "replace")]
-    return imx
-
-
-# -- writing ------------------------------------------------------------------------------------
-
-def write_imatrix(imx: Imatrix, path: str | Path) -> None:
-    """Write `imx` in GGUF, or in the legacy format when the path ends in `.dat`."""
-    if str(path).endswith(".dat"):
-        _write_legacy(imx, Path(path))
-        return
-    writer = gguf.GGUFWriter(path, arch="imatrix")
-    writer.kv_data[0].pop("general.architecture", None)  # llama-imatrix files carry none
-    writer.add_type("imatrix")
-    writer.add_array("imatrix.datasets", imx.datasets)
-    writer.add_uint32("imatrix.chunk_count", imx.chunk_count)
-    writer.add_uint32("imatrix.chunk_size", imx.chunk_size)
-    for name in sorted(imx.sums):
-        sums = imx.sums[name]
-        writer.add_tensor(f"{name}.in_sum2", sums.astype(np.float32))
-        writer.add_tensor(f"{name}.counts", imx.counts[name].astype(np.float32).reshape(-1, 1))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
-def _write_legacy(imx: Imatrix, path: Path) -> None:
-    chunk = max(imx.chunk_size, 1)
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<i", len(imx.sums)))
-        means = imx.means()
-        for name in sorted(imx.sums):
-            ncall = max(1, -(-int(imx.counts[name].max()) // chunk))
-            values = means[name] * ncall
-            raw = name.encode("utf-8")
-            fh.write(struct.pack("<i", len(raw)) + raw + struct.pack("<ii", ncall, values.size))
-            fh.write(values.astype("<f4").tobytes())
-        fh.write(struct.pack("<i", imx.chunk_count))
-        dataset = (imx.datasets[-1] if imx.datasets else "").encode("utf-8")
-        fh.write(struct.pack("<i", len(dataset)) + dataset)
-
-
 # -- collecting ---------------------------------------------------------------------------------
 
 class _Ggml:
     """The few libggml-base functions the callback needs, loaded from llama-cpp-python's build."""
 
     def __init__(self) -> None:
-        import llama_cpp
         from llama_cpp._ctypes_extensions import load_shared_library
 
         lib = load_shared_library("ggml-base", Path(llama_cpp.__file__).parent / "lib")
@@ -267,8 +111,6 @@ class _Collector:
     """The evaluation callback: claims weight matmuls when asked, accumulates when called."""
 
     def __init__(self, ggml: _Ggml) -> None:
-        import llama_cpp
-
         self.ggml = ggml
         self.imx = Imatrix()
         self.error: BaseException | None = None
@@ -317,111 +159,49 @@ def _weight_name(name: str) -> str:
 def collect_imatrix(model_path: str | Path, text: str, *, ctx: int = 512, chunks: int | None = None,
                     threads: int | None = None, progress: bool = True, dataset: str = "") -> Imatrix:
     """Run `text` through the model in chunks of `ctx` tokens and collect the importance matrix."""
-    from .quantize import LlamaLog
-
     if ctx < 8:
         raise R7BError("--ctx must be at least 8 tokens")
     if chunks is not None and chunks < 1:
         raise R7BError("--chunks must be at least 1")
+    validate_gguf(model_path)  # a bad file becomes an R7BError, not an abort in llama.cpp
     collector = _Collector(_Ggml())
-    with LlamaLog() as log, _model(model_path, log) as model:
+    with LlamaModel(model_path) as model:
         chunk_list = _chunks(model, text, ctx, chunks)
-        with _context(model, ctx, threads, collector.callback) as lctx:
-            for chunk in tqdm(chunk_list, desc="imatrix", unit="chunk", disable=not progress):
-                _eval_chunk(lctx, chunk, collector)
+        lctx = model.new_context(n_ctx=ctx, n_batch=512, n_threads=threads, cb_eval=collector.callback)
+        try:
+            with Batch(min(ctx, 512)) as batch:
+                for chunk in tqdm(chunk_list, desc="imatrix", unit="chunk", disable=not progress):
+                    _eval_chunk(lctx, batch, chunk, collector)
+        finally:
+            free_context(lctx)
     imx = collector.imx
     imx.chunk_count, imx.chunk_size = len(chunk_list), ctx
     imx.datasets = [dataset] if dataset else []
     return imx
 
 
-@contextlib.contextmanager
-def _model(path: str | Path, log) -> Iterator[Any]:
-    import llama_cpp
-
-    from .quantize import read_model
-
-    read_model(path, allow_quantized=True)  # a bad file becomes an R7BError, not an abort in llama.cpp
-    llama_cpp.llama_backend_init()
-    params = llama_cpp.llama_model_default_params()
-    params.n_gpu_layers = 0
-    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-    if not model:
-        raise R7BError(f"llama.cpp could not load {path}: {log.reason()}")
-    try:
-        yield model
-    finally:
-        llama_cpp.llama_model_free(model)
-
-
-def _chunks(model, text: str, ctx: int, limit: int | None) -> list[list[int]]:
+def _chunks(model: LlamaModel, text: str, ctx: int, limit: int | None) -> list[list[int]]:
     """Tokenize with BOS and cut into whole chunks, each starting with BOS, as llama-imatrix does."""
-    import llama_cpp
-
-    vocab = llama_cpp.llama_model_get_vocab(model)
-    data = text.encode("utf-8")
-    buf = (llama_cpp.llama_token * (len(data) + 8))()
-    n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, len(buf), True, False)
-    if n < 0:
-        raise R7BError("tokenization failed")
-    tokens = list(buf[:n])
+    tokens = model.tokenize(text, special=False, add_bos=True)
     count = len(tokens) // ctx if limit is None else min(limit, len(tokens) // ctx)
     if count < 1:
         raise R7BError(f"the text has {len(tokens)} tokens; one chunk needs {ctx} (lower --ctx or add text)")
     chunks = [tokens[i * ctx:(i + 1) * ctx] for i in range(count)]
-    if llama_cpp.llama_vocab_get_add_bos(vocab):
+    if model.add_bos:
         for chunk in chunks:
-            chunk[0] = llama_cpp.llama_vocab_bos(vocab)
+            chunk[0] = model.bos
     return chunks
 
 
-@contextlib.contextmanager
-def _context(model, ctx: int, threads: int | None, callback) -> Iterator[Any]:
-    import llama_cpp
-
-    from r7b.runtime.engine import default_threads
-
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx = ctx
-    params.n_batch = params.n_ubatch = min(ctx, 512)
-    params.n_seq_max = 1
-    params.swa_full = False
-    params.n_threads = params.n_threads_batch = threads or default_threads()
-    params.cb_eval = callback
-    params.cb_eval_user_data = None
-    lctx = llama_cpp.llama_init_from_model(model, params)
-    if not lctx:
-        raise R7BError(f"llama.cpp could not create a context of {ctx} tokens")
-    try:
-        yield lctx
-    finally:
-        llama_cpp.llama_free(lctx)
-
-
-def _eval_chunk(lctx, chunk: list[int], collector: _Collector) -> None:
+def _eval_chunk(lctx: Any, batch: Batch, chunk: list[int], collector: _Collector) -> None:
     """Evaluate one chunk from an empty cache, every token an output so no layer is pruned."""
-    import llama_cpp
-
     llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(lctx), True)
-    n_batch = llama_cpp.llama_n_batch(lctx)
-    batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-    try:
-        for start in range(0, len(chunk), n_batch):
-            part = chunk[start:start + n_batch]
-            batch.n_tokens = len(part)
-            for j, tok in enumerate(part):
-                batch.token[j] = tok
-                batch.pos[j] = start + j
-                batch.n_seq_id[j] = 1
-                batch.seq_id[j][0] = 0
-                batch.logits[j] = 1
-            rc = llama_cpp.llama_decode(lctx, batch)
-            if collector.error is not None:
-                raise collector.error
-            if rc != 0:
-                raise R7BError(f"llama.cpp failed to evaluate a chunk (code {rc})")
-    finally:
-        llama_cpp.llama_batch_free(batch)
+    for start in range(0, len(chunk), batch.capacity):
+        rc = llama_cpp.llama_decode(lctx, batch.fill(chunk[start:start + batch.capacity], start, outputs=True))
+        if collector.error is not None:
+            raise collector.error
+        if rc != 0:
+            raise R7BError(f"llama.cpp failed to evaluate a chunk (code {rc})")
 
 
 def imatrix(model: str | Path, text_file: str | Path, output: str | Path, *, ctx: int = 512,

@@ -16,7 +16,7 @@ import gguf
 
 from r7b.templates import gguf_templates, template_source
 
-from .validate import validate_gguf
+from r7b.gguf_validate import validate_gguf
 
 
 def describe(path: str | Path) -> dict[str, Any]:

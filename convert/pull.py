@@ -15,7 +15,7 @@ from pathlib import Path
 from r7b.errors import R7BError
 from r7b.fsutil import check_output_path
 
-from .hf_to_gguf import convert
+from .convert import convert
 from .imatrix import imatrix
 from .quantize import quant_type, quantize
 

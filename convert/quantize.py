@@ -35,7 +35,6 @@ file or for the real Command R7B.
 from __future__ import annotations
 
 import argparse
-import collections
 import ctypes
 import re
 import sys
@@ -45,15 +44,17 @@ from typing import Any, Callable, Iterable, Mapping
 
 import gguf
 import numpy as np
-from tqdm import tqdm
 
+from r7b.cohere2 import ARCH, COMMAND_R7B, Cohere2Dims
 from r7b.errors import R7BError
 from r7b.fsutil import atomic_output, check_output_path
-from r7b.convert.validate import GGUFError, validate_gguf
-from r7b.runtime.memory import (COMMAND_R7B, RUNTIME_OVERHEAD, ModelShape, estimate_ram, format_bytes,
-                                tensor_bytes)
+from r7b.gguf_reader import GGUFError, GGUFFile, TensorRecord
+from r7b.gguf_validate import validate_gguf
+from r7b.llama import LlamaLog
+from r7b.memory import RUNTIME_OVERHEAD, estimate_ram, format_bytes, tensor_bytes
 
-ARCH = "cohere2"
+from .imatrix_file import read_imatrix
+
 GT = gguf.GGMLQuantizationType
 FT = gguf.LlamaFileType
 UNQUANTIZED = (GT.F32, GT.F16, GT.BF16)
@@ -117,56 +118,29 @@ QUANT_TYPES: dict[str, QuantType] = {q.name: q for q in (
 
 # -- the input file -----------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    shape: tuple[int, ...]  # ggml order: row length first
-    type: GT
-
-    @property
-    def layer(self) -> int:
-        m = re.match(r"blk\.(\d+)\.", self.name)
-        return int(m.group(1)) if m else -1
-
-
-@dataclass
-class ModelFile:
-    """What quantizing needs to know about a GGUF, read without loading its weights."""
-
-    path: Path
-    metadata: dict[str, Any]
-    tensors: list[TensorInfo]
-    data_offset: int = 0
-
-    @property
-    def shape(self) -> ModelShape:
-        try:
-            return ModelShape.from_metadata(self.metadata, name=self.path.name)
-        except (TypeError, ValueError) as exc:
-            raise R7BError(f"{self.path}: {exc}") from None
-
-    @property
-    def quantized(self) -> list[TensorInfo]:
-        return [t for t in self.tensors if t.type not in UNQUANTIZED]
-
-
-def read_model(path: str | Path, *, allow_quantized: bool = False) -> ModelFile:
+def read_model(path: str | Path, *, allow_quantized: bool = False) -> GGUFFile:
     """Validate a cohere2 GGUF's header and layout; every problem is one R7BError line."""
     p = Path(path)
     if not p.is_file():
         raise R7BError(f"no such file: {p}")
     try:
-        summary = validate_gguf(p, arch=ARCH)
+        model = validate_gguf(p, arch=ARCH)
     except GGUFError:
         _explain_not_cohere2(p)
         raise
-    tensors = [TensorInfo(t.name, tuple(t.shape), t.type) for t in summary.tensors]
-    model = ModelFile(p, summary.metadata, tensors, data_offset=summary.data_offset)
-    if model.quantized and not allow_quantized:
-        kinds = sorted({t.type.name for t in model.quantized})
+    quantized = [t for t in model.tensors if t.type not in UNQUANTIZED]
+    if quantized and not allow_quantized:
+        kinds = sorted({t.type.name for t in quantized})
         raise R7BError(f"{p} is already quantized ({', '.join(kinds)}); quantize from the F16/BF16 GGUF, "
                        "or pass --allow-requantize to accept the extra loss")
     return model
+
+
+def model_dims(model: GGUFFile) -> Cohere2Dims:
+    try:
+        return Cohere2Dims.from_gguf_metadata(model.metadata, name=model.path.name)
+    except (TypeError, ValueError) as exc:
+        raise R7BError(f"{model.path}: {exc}") from None
 
 
 def _explain_not_cohere2(p: Path) -> None:
@@ -217,7 +191,7 @@ def _split_override(spec: str) -> tuple[str, str]:
     return pattern, type_name
 
 
-def quantizable(t: TensorInfo) -> bool:
+def quantizable(t: TensorRecord) -> bool:
     """llama.cpp quantizes 2-D weights except norms."""
     return len(t.shape) >= 2 and t.name.endswith("weight") and "_norm.weight" not in t.name
 
@@ -232,7 +206,7 @@ class _Counters:
     ffn_down: int = 0
 
 
-def _mixture_type(qt: QuantType, t: TensorInfo, n_layers: int, n_gqa: float, has_imatrix: bool,
+def _mixture_type(qt: QuantType, t: TensorRecord, n_layers: int, n_gqa: float, has_imatrix: bool,
                   c: _Counters) -> GT:
     """llama.cpp's per-tensor choice for the k-quant mixes (llama_tensor_get_type_impl), for our types."""
     ft, new = qt.ftype, qt.base
@@ -267,7 +241,7 @@ def _mixture_type(qt: QuantType, t: TensorInfo, n_layers: int, n_gqa: float, has
 _FALLBACK = {GT.IQ4_XS: GT.IQ4_NL, GT.Q3_K: GT.Q4_0, GT.Q4_K: GT.Q5_0, GT.Q5_K: GT.Q5_1, GT.Q6_K: GT.Q8_0}
 
 
-def _fallback(t: TensorInfo, qtype: GT) -> GT:
+def _fallback(t: TensorRecord, qtype: GT) -> GT:
     """Rows that do not split into whole blocks get a type with smaller blocks, as in llama.cpp."""
     if t.shape[0] % gguf.GGML_QUANT_SIZES[qtype][0] == 0:
         return qtype
@@ -275,7 +249,7 @@ def _fallback(t: TensorInfo, qtype: GT) -> GT:
     return qtype if t.shape[0] % gguf.GGML_QUANT_SIZES[qtype][0] == 0 else GT.F16
 
 
-def plan_types(tensors: Iterable[TensorInfo], qt: QuantType, *, n_layers: int, n_gqa: float,
+def plan_types(tensors: Iterable[TensorRecord], qt: QuantType, *, n_layers: int, n_gqa: float,
                overrides: Iterable[tuple[str, GT]] = (), token_embedding_type: GT | None = None,
                has_imatrix: bool = False) -> dict[str, GT]:
     """The type llama.cpp will give each tensor (llama_tensor_get_type), for size estimates."""
@@ -294,12 +268,12 @@ def plan_types(tensors: Iterable[TensorInfo], qt: QuantType, *, n_layers: int, n
     return plan
 
 
-def planned_bytes(tensors: Iterable[TensorInfo], plan: Mapping[str, GT], metadata_bytes: int) -> int:
+def planned_bytes(tensors: Iterable[TensorRecord], plan: Mapping[str, GT], metadata_bytes: int) -> int:
     align = gguf.GGUF_DEFAULT_ALIGNMENT
     return metadata_bytes + sum(-(-tensor_bytes(t.shape, plan[t.name]) // align) * align for t in tensors)
 
 
-def _check_overrides(model: ModelFile, overrides: list[tuple[str, GT]]) -> None:
+def _check_overrides(model: GGUFFile, overrides: list[tuple[str, GT]]) -> None:
     weights = [t.name for t in model.tensors if quantizable(t)]
     for pattern, _ in overrides:
         if not any(re.search(pattern, name) for name in weights):
@@ -316,10 +290,8 @@ class _ImatrixInput:
     chunks: int
 
 
-def _imatrix_for(model: ModelFile, path: str | Path) -> _ImatrixInput:
+def _imatrix_for(model: GGUFFile, path: str | Path) -> _ImatrixInput:
     """Load an imatrix and make sure it was made for this model before llama.cpp sees it."""
-    from .imatrix import read_imatrix
-
     imx = read_imatrix(path)
     values = imx.means()
     by_name = {t.name: t for t in model.tensors}
@@ -408,63 +380,6 @@ def _metadata(qt: QuantType, imx: _ImatrixInput | None) -> dict[str, str | int]:
     return kv
 
 
-class LlamaLog:
-    """Routes llama.cpp's log for a while: per-tensor lines drive a progress bar, errors are kept.
-
-    Everything else is dropped, so a quantization shows one bar instead of a page of log.
-    """
-
-    _STEP = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
-    _ERROR = 4  # GGML_LOG_LEVEL_ERROR in this ggml (DEBUG=1, INFO=2, WARN=3)
-
-    def __init__(self, progress: bool = False, desc: str = "") -> None:
-        self.progress, self.desc = progress, desc
-        self.bar: tqdm | None = None
-        self.errors: list[str] = []
-        self.recent: collections.deque[str] = collections.deque(maxlen=20)
-        self._callback = None
-        self._saved = None
-
-    def _on_log(self, level: int, text: bytes | None, _user: Any) -> None:
-        line = (text or b"").decode("utf-8", "replace")
-        if line.strip():
-            self.recent.append(line.strip())
-            if level == self._ERROR:
-                self.errors.append(line.strip())
-        m = self._STEP.match(line)
-        if m and self.progress:
-            done, total = int(m.group(1)), int(m.group(2))
-            if self.bar is None:
-                self.bar = tqdm(total=total, desc=self.desc, unit="tensor")
-            self.bar.set_postfix_str(m.group(3), refresh=False)
-            self.bar.update(done - self.bar.n)
-
-    def __enter__(self) -> "LlamaLog":
-        import llama_cpp
-
-        saved_cb, saved_ud = llama_cpp.llama_log_callback(), ctypes.c_void_p()
-        llama_cpp.llama_log_get(ctypes.byref(saved_cb), ctypes.byref(saved_ud))
-        self._saved = (saved_cb, saved_ud)
-        self._callback = llama_cpp.llama_log_callback(self._on_log)
-        llama_cpp.llama_log_set(self._callback, None)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        import llama_cpp
-
-        llama_cpp.llama_log_set(*self._saved)
-        if self.bar is not None:
-            self.bar.close()
-
-    def reason(self) -> str:
-        """llama.cpp's own words for the last failure."""
-        for line in reversed(self.recent):
-            if "failed to quantize:" in line:
-                return line.split("failed to quantize:", 1)[1].strip()
-        lines = self.errors or list(self.recent)
-        return lines[-1] if lines else "no reason given"
-
-
 # -- the command ----------------------------------------------------------------------------------
 
 def quant_type(name: str) -> QuantType:
@@ -493,7 +408,7 @@ def quantize(src: str | Path, dst: str | Path, qtype: str, *, imatrix: str | Pat
     if imx is None and progress and (qt.base == GT.IQ4_XS or qt.is_recipe):
         print(f"note: {qt.name} without an importance matrix; one usually lowers the loss (see `r7b imatrix`)",
               file=sys.stderr)
-    recipe = qt.overrides(model.shape.n_layers)
+    recipe = qt.overrides(model_dims(model).n_layers)
     cparams = _c_params(qt, threads, allow_requantize, [*tt, *recipe], embd, imx, _metadata(qt, imx))
     with atomic_output(out, force=force) as tmp, LlamaLog(progress, f"quantize {qt.name}") as log:
         _run(model.path, tmp, cparams, log)
@@ -520,15 +435,15 @@ class TypeEstimate:
 
 
 def estimate_types(path: str | Path | None = None, contexts: Iterable[int] = LIST_CONTEXTS,
-                   kv_type: str = "f16") -> tuple[ModelShape, list[TypeEstimate]]:
+                   kv_type: str = "f16") -> tuple[Cohere2Dims, list[TypeEstimate]]:
     """Size and RAM of every type for the model in `path`, or for the real Command R7B."""
     if path is None:
         shape = COMMAND_R7B
-        tensors = [TensorInfo(n, s, GT.F32 if len(s) == 1 else GT.BF16) for n, s in shape.weights()]
+        tensors = [_planned(n, s) for n, s in shape.weights()]
         meta_bytes = R7B_METADATA_BYTES
     else:
         model = read_model(path, allow_quantized=True)
-        shape, tensors, meta_bytes = model.shape, model.tensors, model.data_offset
+        shape, tensors, meta_bytes = model_dims(model), model.tensors, model.data_offset
     n_params = sum(int(np.prod(t.shape)) for t in tensors)
     rows = []
     for qt in QUANT_TYPES.values():
@@ -541,7 +456,13 @@ def estimate_types(path: str | Path | None = None, contexts: Iterable[int] = LIS
     return shape, rows
 
 
-def format_estimates(shape: ModelShape, rows: list[TypeEstimate], kv_type: str = "f16") -> str:
+def _planned(name: str, shape: tuple[int, ...]) -> TensorRecord:
+    """A tensor of the published bf16 checkpoint, for planning without a file."""
+    qtype = GT.F32 if len(shape) == 1 else GT.BF16
+    return TensorRecord(name, shape, qtype, 0, tensor_bytes(shape, qtype))
+
+
+def format_estimates(shape: Cohere2Dims, rows: list[TypeEstimate], kv_type: str = "f16") -> str:
     contexts = list(rows[0].ram_bytes) if rows else []
     head = (f"{shape.name}: {shape.n_params / 1e9:.2f}B parameters, {shape.n_layers} layers, "
             f"sliding window {shape.sliding_window}, KV cache {kv_type} (small sliding-window cache)")

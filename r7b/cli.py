@@ -1,8 +1,10 @@
 """The `r7b` command: one entry point, one subcommand per job.
 
-Each command module exposes `register(subparsers)`, which adds its parser and sets
-`func(args) -> int | None` as the parser default. User errors (`R7BError`, bad files)
-print one line and exit 1; only real bugs show a traceback.
+The table below maps each command to the module that implements it; only the chosen module is
+imported, so `r7b render` does not pay for llama.cpp or torch, and each module imports what it
+needs at its top. A command module exposes `register(subparsers)`, which adds its parser and sets
+`func(args) -> int | None` as the parser default. User errors (`R7BError`, bad files) print one
+line and exit 1; only real bugs show a traceback.
 """
 
 from __future__ import annotations
@@ -15,40 +17,55 @@ from typing import Sequence
 from . import __version__
 from .errors import R7BError
 
-# Command modules, imported lazily so that `r7b render` does not pay for llama.cpp or torch.
-COMMAND_MODULES = (
-    "r7b.convert.hf_to_gguf",
-    "r7b.convert.quantize",
-    "r7b.convert.imatrix",
-    "r7b.convert.pull",
-    "r7b.convert.info",
-    "r7b.runtime.prompt",
-    "r7b.runtime.chat_cli",
-    "r7b.runtime.server",
-    "r7b.quality",
-    "r7b.runtime.bench",
-)
+# command: (module, one line for `r7b --help`)
+COMMANDS = {
+    "convert": ("r7b.convert.convert", "convert a Hugging Face checkpoint (folder or hub id) to GGUF"),
+    "quantize": ("r7b.convert.quantize", "quantize a GGUF with llama.cpp (or --list the types)"),
+    "imatrix": ("r7b.convert.imatrix", "collect an importance matrix for quantization"),
+    "pull": ("r7b.convert.pull", "download, convert and quantize in one step"),
+    "info": ("r7b.convert.info", "describe a GGUF: architecture, sizes, vocabulary, templates"),
+    "render": ("r7b.runtime.render", "print the prompt a conversation renders to"),
+    "chat": ("r7b.runtime.chat", "interactive offline chat in the terminal"),
+    "generate": ("r7b.runtime.chat", "answer one prompt and print only the answer"),
+    "serve": ("r7b.runtime.server", "OpenAI-compatible HTTP API (chat completions, tools, documents)"),
+    "eval": ("r7b.quality.eval", "quality drop of quantized models: PPL, KL divergence, top-1 agreement"),
+    "bench": ("r7b.quality.bench", "prefill/decode speed and memory, beside raw llama.cpp"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="r7b", description="Run Cohere's Command R7B offline with llama.cpp."
-    )
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser, with the full subparser of `command` only (every command when None)."""
+    parser = argparse.ArgumentParser(prog="r7b", description="Run Cohere's Command R7B offline with llama.cpp.")
     parser.add_argument("--version", action="version", version=f"r7b-edge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # command not built yet
-                continue
-            raise
-        module.register(sub)
+    wanted = {module for name, (module, _) in COMMANDS.items() if command is None or name == command}
+    for module in dict.fromkeys(m for m, _ in COMMANDS.values()):
+        if module in wanted:
+            importlib.import_module(module).register(sub)
+    registered = set(sub.choices)
+    for name, (_, help_text) in COMMANDS.items():
+        if name not in registered:
+            sub.add_parser(name, help=help_text, add_help=False)
+    _order(sub)
     return parser
 
 
+def _order(sub: argparse._SubParsersAction) -> None:
+    """List commands in the table's order in `r7b --help`, whichever were imported."""
+    rank = {name: i for i, name in enumerate(COMMANDS)}
+    sub._choices_actions.sort(key=lambda a: rank.get(a.dest, len(rank)))
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

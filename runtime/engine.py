@@ -17,13 +17,10 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import llama_cpp
-from llama_cpp import _logger as llama_logger
 
+from r7b.cohere2 import kv_type_id
 from r7b.errors import R7BError
-
-KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q5_1": 7, "q5_0": 6, "q4_1": 3, "q4_0": 2}
-_backend_ready = False
-
+from r7b.llama import FLASH_ATTN, LlamaModel, default_threads, free_context
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -33,7 +30,7 @@ class EngineConfig:
     n_gpu_layers: int = 0
     kv_type: str = "f16"
     swa_full: bool = False
-    flash_attn: bool | None = None
+    flash_attn: str = "auto"  # "on", "off" or "auto" (llama.cpp decides per backend)
     verbose: bool = False
 
 
@@ -49,78 +46,45 @@ class Sampling:
     grammar: str | None = None
 
 
-def default_threads() -> int:
-    """Physical-ish core count: llama.cpp decodes fastest with one thread per core."""
-    return max(1, min(os.cpu_count() or 1, 8))
-
-
-def _init_backend(verbose: bool) -> None:
-    global _backend_ready
-    llama_logger.set_verbose(verbose)
-    if not _backend_ready:
-        llama_cpp.llama_backend_init()
-        _backend_ready = True
-
-
 class Engine:
     """A loaded model with one context; not thread-safe (callers serialize access)."""
 
     def __init__(self, path: str | os.PathLike, config: EngineConfig = EngineConfig()):
-        if config.kv_type not in KV_TYPES:
-            raise R7BError(f"unknown kv_type {config.kv_type!r}; choose from {', '.join(KV_TYPES)}")
-        _init_backend(config.verbose)
+        kv_type_id(config.kv_type)
+        if config.flash_attn not in FLASH_ATTN:
+            raise R7BError(f"flash_attn must be one of {', '.join(FLASH_ATTN)}, not {config.flash_attn!r}")
         self.path = Path(path)
         self.config = config
         self.n_threads = config.n_threads or default_threads()
-        self._model = self._load_model()
-        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
-        self._ctx = self._new_context()
+        self.model = LlamaModel(self.path, n_gpu_layers=config.n_gpu_layers, verbose=config.verbose)
+        self._vocab = self.model.vocab
+        try:
+            self._ctx = self.model.new_context(n_ctx=config.n_ctx, n_batch=config.n_batch, n_threads=self.n_threads,
+                                               kv_type=config.kv_type, swa_full=config.swa_full,
+                                               flash_attn=self._flash_attn())
+        except R7BError:
+            self.model.close()
+            raise
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
-        self.n_swa = llama_cpp.llama_model_n_swa(self._model)
-        self.bos = llama_cpp.llama_vocab_bos(self._vocab)
+        self.n_vocab = self.model.n_vocab
+        self.n_swa = self.model.n_swa
+        self.bos = self.model.bos
         self.cached: list[int] = []
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
         self._token_buf = (llama_cpp.llama_token * config.n_batch)()
 
-    # -- set-up ------------------------------------------------------------------------------
-
-    def _load_model(self):
-        params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = self.config.n_gpu_layers if self.config.n_gpu_layers >= 0 else 0x7FFFFFFF
-        model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
-        if not model:
-            raise R7BError(f"llama.cpp could not load {self.path} (run `r7b info` on it for details)")
-        return model
-
-    def _new_context(self):
-        cfg = self.config
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = cfg.n_ctx
-        params.n_batch = params.n_ubatch = cfg.n_batch
-        params.n_threads = params.n_threads_batch = self.n_threads
-        params.type_k = params.type_v = KV_TYPES[cfg.kv_type]
-        params.swa_full = cfg.swa_full
-        params.n_seq_max = 1
-        if cfg.flash_attn is not None:
-            params.flash_attn_type = int(cfg.flash_attn)
-        elif cfg.kv_type not in ("f16", "f32", "bf16"):
-            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED  # a quantized V cache needs it
-        ctx = llama_cpp.llama_init_from_model(self._model, params)
-        if not ctx:
-            llama_cpp.llama_model_free(self._model)
-            raise R7BError(f"llama.cpp could not create a context of {cfg.n_ctx} tokens with a {cfg.kv_type} KV cache")
-        return ctx
+    def _flash_attn(self) -> str:
+        if self.config.kv_type not in ("f16", "f32", "bf16") and self.config.flash_attn == "auto":
+            return "on"  # a quantized V cache needs it
+        return self.config.flash_attn
 
     def close(self) -> None:
-        if getattr(self, "_ctx", None):
-            llama_cpp.llama_free(self._ctx)
-            self._ctx = None
-        if getattr(self, "_model", None):
-            llama_cpp.llama_model_free(self._model)
-            self._model = None
+        free_context(getattr(self, "_ctx", None))
+        self._ctx = None
+        if getattr(self, "model", None) is not None:
+            self.model.close()
 
     def __del__(self):
         self.close()
@@ -129,13 +93,7 @@ class Engine:
 
     def tokenize(self, text: str, *, special: bool, add_bos: bool = False) -> list[int]:
         """Tokenize; `special=False` keeps control-token text as plain text."""
-        data = text.encode("utf-8")
-        cap = len(data) + 8
-        buf = (llama_cpp.llama_token * cap)()
-        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, cap, add_bos, special)
-        if n < 0:
-            raise R7BError("tokenization failed")
-        return buf[:n]
+        return self.model.tokenize(text, special=special, add_bos=add_bos)
 
     def piece(self, token: int) -> bytes:
         """Token bytes, with special tokens rendered as their text; memoized."""
@@ -153,17 +111,15 @@ class Engine:
         """Text of every control token, e.g. '<|END_OF_TURN_TOKEN|>' -> 255001."""
         out = {}
         for tok in range(self.n_vocab):
-            if llama_cpp.llama_vocab_get_attr(self._vocab, tok) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL:
-                out[llama_cpp.llama_vocab_get_text(self._vocab, tok).decode("utf-8", "replace")] = tok
+            if self.model.token_attr(tok) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL:
+                out[self.model.token_text(tok).decode("utf-8", "replace")] = tok
         return out
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
     def metadata(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(4096)
-        n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
-        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+        return self.model.metadata(key)
 
     # -- evaluation ----------------------------------------------------------------------------
 

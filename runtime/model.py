@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from r7b.cohere2 import STOP_TEXTS
 from r7b.errors import R7BError
+from r7b.fsutil import atomic_output
+from r7b.gguf_validate import validate_gguf
+from r7b.memory import check_fits
+from r7b.templates import gguf_templates
 
 from .engine import Engine, EngineConfig, Sampling, TextStream
-from .parse import ParsedOutput, StreamParser, parse_output, to_assistant_message
+from .parse import ParsedOutput, StreamParser, to_assistant_message
 from .prompt import render_prompt
 from .protect import Protector, tokenize_rendered
+from .request import ChatRequest, PreparedPrompt, prepare
 
 CHAT_TEMPLATES = ("builtin", "gguf")
-STOP_TEXTS = ("<|END_OF_TURN_TOKEN|>", "<|END_RESPONSE|>")
-RESPONSE_OPEN = "<|START_RESPONSE|>"
 
 
 @dataclass
@@ -69,20 +73,8 @@ class Done:
     result: ChatResult
 
 
-def tool_call_ids(messages: Sequence[dict]) -> list[str]:
-    """Ids of the tool calls in the conversation, in prompt order (citations refer to them)."""
-    ids = []
-    for msg in messages:
-        for call in msg.get("tool_calls") or []:
-            if isinstance(call, dict) and call.get("id") is not None:
-                ids.append(str(call["id"]))
-    return ids
-
-
 def file_templates(summary: Any) -> dict[str, str]:
     """A GGUF's own chat templates, each tried once in the sandbox so a bad one fails at load."""
-    from r7b.templates import gguf_templates
-
     sources = gguf_templates(summary.metadata)
     if not sources:
         raise R7BError(f"{summary.path} carries no chat template; use chat_template='builtin'")
@@ -116,7 +108,8 @@ class Model:
     @classmethod
     def load(cls, path: str | os.PathLike, *, n_ctx: int = 8192, n_threads: int | None = None,
              n_gpu_layers: int = 0, kv_type: str = "f16", swa_full: bool = False, n_batch: int = 512,
-             check_memory: bool = True, chat_template: str = "builtin", verbose: bool = False) -> "Model":
+             flash_attn: str = "auto", check_memory: bool = True, chat_template: str = "builtin",
+             verbose: bool = False) -> "Model":
         """Load a GGUF. CPU by default; n_gpu_layers=-1 offloads all layers (Metal, CUDA) where built.
 
         `chat_template="gguf"` formats prompts with the file's own templates instead of the
@@ -125,21 +118,17 @@ class Model:
         path = Path(path)
         if not path.is_file():
             raise R7BError(f"no such model file: {path}")
-        from r7b.convert.validate import validate_gguf
-
         summary = validate_gguf(path, arch="cohere2", check_tensor_data=False)
         if chat_template not in CHAT_TEMPLATES:
             raise R7BError(f"chat_template must be one of {', '.join(CHAT_TEMPLATES)}, not {chat_template!r}")
         sources = file_templates(summary) if chat_template == "gguf" else None
         n_ctx = min(n_ctx, int(summary.metadata.get("cohere2.context_length", n_ctx))) or n_ctx
         if check_memory:
-            from .memory import check_fits
-
             check_fits(summary, n_ctx=n_ctx, kv_type=kv_type, swa_full=swa_full)
         if n_ctx < 256:
             raise R7BError(f"n_ctx must be at least 256 tokens, got {n_ctx}")
         config = EngineConfig(n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                              kv_type=kv_type, swa_full=swa_full, verbose=verbose)
+                              kv_type=kv_type, swa_full=swa_full, flash_attn=flash_attn, verbose=verbose)
         return cls(Engine(path, config), sources)
 
     def close(self) -> None:
@@ -170,42 +159,41 @@ class Model:
              stream: bool = False, max_tokens: int = 512, temperature: float = 0.3, top_p: float = 1.0,
              top_k: int = 0, min_p: float = 0.0, seed: int | None = None, stop: Sequence[str] | str | None = None,
              mode: str | None = None, safety: str | None = None, template: str = "auto",
-             enable_citations: bool | None = None, grammar: str | None = None,
-             constrain_tools: bool = False) -> ChatResult | Iterator[object]:
-        """One assistant turn. With stream=True, yields parser events and finally `Done(result)`."""
+             enable_citations: bool | None = None, grammar: str | None = None, tool_choice: str = "auto",
+             response_format: dict | None = None, constrain_tools: bool = False) -> ChatResult | Iterator[object]:
+        """One assistant turn. With stream=True, yields parser events and finally `Done(result)`.
+
+        `tool_choice` ("auto", "none", "required" or a tool's name) and `response_format`
+        ({"schema": ...}) are enforced with a grammar; `constrain_tools` holds any tool call to
+        the tools' schemas without forcing one.
+        """
         if max_tokens < 1:
             raise R7BError("max_tokens must be at least 1")
-        if enable_citations is None:
-            enable_citations = bool(documents)
-        rendered = self.render(messages, tools, documents, template=template, mode=mode, safety=safety,
-                               enable_citations=enable_citations)
-        if constrain_tools and tools and grammar is None:
-            from .grammar import tool_call_grammar
-
-            grammar = tool_call_grammar(tools)
-        sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
-                            grammar=grammar)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        events = self._run(rendered, sampling, max_tokens, stops, tool_call_ids(messages), bool(documents))
+        request = ChatRequest(
+            messages=list(messages), tools=tools, documents=documents, citations=enable_citations,
+            tool_choice=tool_choice, response_format=response_format, grammar=grammar,
+            constrain_tools=constrain_tools, max_tokens=max_tokens,
+            sampling={"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p, "seed": seed},
+            stop=[stop] if isinstance(stop, str) else list(stop or []), template=template, mode=mode, safety=safety)
+        events = self.generate(self.prepare(request), request.sampling)
         if stream:
             return events
-        for event in events:
-            if isinstance(event, Done):
-                return event.result
-        raise AssertionError("generation ended without a result")
+        return final_result(events)
 
-    def _run(self, rendered: str, sampling: Sampling, max_tokens: int, stops: list[str],
-             call_ids: list[str], has_documents: bool) -> Iterator[object]:
-        tokens = self.tokenize_prompt(rendered)
-        evaluated = self.engine.prefill(tokens)
-        plain = Protector.strip(rendered)
-        prefix = RESPONSE_OPEN if plain.endswith(RESPONSE_OPEN) else ""
-        parser = StreamParser(tool_call_ids=call_ids, has_documents=has_documents)
-        yield from parser.feed(prefix)
+    def prepare(self, request: ChatRequest) -> PreparedPrompt:
+        """The request's prompt tokens, limits and grammar (see request.py)."""
+        return prepare(self, request)
+
+    def generate(self, prompt: PreparedPrompt, sampling: dict[str, Any]) -> Iterator[object]:
+        """Run a prepared prompt: parser events, then `Done(result)`."""
+        sampler = Sampling(**{**sampling, "grammar": prompt.grammar})
+        evaluated = self.engine.prefill(prompt.tokens)
+        parser = StreamParser(tool_call_ids=prompt.tool_call_ids, has_documents=prompt.has_documents)
+        yield from parser.feed(prompt.prefix)
         raw, n_out, finish = [], 0, "length"
         text_out = TextStream(self.engine)
-        holdback = _StopScanner(stops)
-        for tok in self.engine.generate(sampling, max_tokens, self._stop_ids):
+        holdback = _StopScanner(prompt.stop)
+        for tok in self.engine.generate(sampler, prompt.max_tokens, self._stop_ids):
             n_out += 1
             piece = text_out.push(tok)
             if tok in self._stop_ids or self.engine.is_eog(tok):
@@ -224,14 +212,21 @@ class Model:
             yield from parser.feed(holdback.flush() + text_out.flush())
         tail_events, parsed = parser.finish(finish_reason=finish)
         yield from tail_events
-        raw_text = "".join(raw)
-        if holdback.hit is not None:
-            raw_text = holdback.text
-        usage = Usage(prompt_tokens=len(tokens), completion_tokens=n_out, cached_tokens=len(tokens) - evaluated)
+        raw_text = holdback.text if holdback.hit is not None else "".join(raw)
+        usage = Usage(prompt_tokens=len(prompt.tokens), completion_tokens=n_out,
+                      cached_tokens=len(prompt.tokens) - evaluated)
         yield Done(ChatResult(text=parsed.text, thinking=parsed.thinking, tool_calls=parsed.tool_calls,
                               citations=parsed.citations, finish_reason=parsed.finish_reason or finish,
-                              usage=usage, raw=prefix + raw_text, malformed=parsed.malformed,
+                              usage=usage, raw=prompt.prefix + raw_text, malformed=parsed.malformed,
                               error=parsed.error, parsed=parsed))
+
+
+def final_result(events: Iterator[object]) -> ChatResult:
+    """The result at the end of an event stream."""
+    for event in events:
+        if isinstance(event, Done):
+            return event.result
+    raise AssertionError("generation ended without a result")
 
 
 class _StopScanner:
@@ -297,8 +292,6 @@ class ChatSession:
             yield event
 
     def save(self, path: str | os.PathLike) -> None:
-        from r7b.fsutil import atomic_output
-
         with atomic_output(path, force=True) as tmp:
             tmp.write_text(json.dumps({"messages": self.messages, "tools": self.tools,
                                        "documents": self.documents}, ensure_ascii=False, indent=2))

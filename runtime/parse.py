@@ -14,10 +14,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Sequence, Union
 
-START_THINKING, END_THINKING = "<|START_THINKING|>", "<|END_THINKING|>"
-START_ACTION, END_ACTION = "<|START_ACTION|>", "<|END_ACTION|>"
-START_RESPONSE, END_RESPONSE = "<|START_RESPONSE|>", "<|END_RESPONSE|>"
-END_OF_TURN, START_OF_TURN = "<|END_OF_TURN_TOKEN|>", "<|START_OF_TURN_TOKEN|>"
+from r7b.cohere2 import (END_ACTION, END_OF_TURN, END_RESPONSE, END_THINKING, START_ACTION, START_OF_TURN,
+                         START_RESPONSE, START_THINKING)
+
 
 # The documents turn is a pseudo tool call written as "tool_call_id": "0" in the prompt.
 DOCUMENTS_CALL_ID = "0"

@@ -13,10 +13,9 @@ Command R7B extensions, all optional:
              `content` grounded in documents (`tool_call_id` "0") or in tool results.
   stream     deltas carry `reasoning_content` as it is written, and the last chunk's delta `citations`.
 
-A llama.cpp context is not thread-safe, so one worker thread owns the model and requests wait for
-it in arrival order. Generation runs in that thread, leaving the event loop free to answer
-/health and to notice clients that hang up: their generation is stopped (or, if still queued,
-never started), so it does not hold up the requests behind it.
+This module holds the application, its middleware, routes and command line; the wire format is
+mapped in openai_api.py, prompts are prepared in request.py, and scheduler.py queues requests for
+the thread that owns the model.
 `r7b serve --max-tokens N` caps every answer at N tokens, as llama-server's --n-predict does: a
 request asking for more (or for nothing, which means the rest of the context) gets N, and
 finish_reason "length" if the answer is cut there.
@@ -26,40 +25,41 @@ evaluates its new tokens (`usage.prompt_tokens_details.cached_tokens`).
 Without an API key the server only listens on loopback addresses.
 """
 
+from __future__ import annotations
+
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import hmac
 import ipaddress
 import json
 import logging
 import os
-import re
-import secrets
 import sys
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable
+from typing import AsyncIterator, Iterable
 
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from r7b import __version__
 from r7b.errors import R7BError
 
-from .chat_cli import add_chat_template_arg
-
-if TYPE_CHECKING:
-    from .model import ChatResult, Model
-    from .openai_schema import ChatCompletionRequest
+from . import openai_schema as oa
+from .model import ChatResult, Done, Model
+from .openai_api import ChunkWriter, Reply, to_request
+from .options import add_model_options, load_kwargs
+from .scheduler import EventStream, Scheduler
 
 log = logging.getLogger("r7b.serve")
 
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
 PUBLIC_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-MAX_REPEAT = 2000  # llama.cpp's grammar parser refuses larger repetitions anyway
-SIZE_KEYS = frozenset({"minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties"})
-REPEAT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -174,355 +174,6 @@ def _replay(body: bytes, receive):
     return replay
 
 
-# -- the worker that owns the model --------------------------------------------------------------
-
-
-_END = object()
-
-
-class EventStream:
-    """One request's model events, passed from the worker thread to the event loop."""
-
-    def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._finished = False
-        self.cancelled = threading.Event()
-
-    def put(self, item: object) -> None:
-        """Called from the worker thread."""
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the event loop is gone: nobody is listening any more
-            self.cancelled.set()
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    def __aiter__(self) -> "EventStream":
-        return self
-
-    async def __anext__(self) -> object:
-        if self._finished:
-            raise StopAsyncIteration
-        item = await self._queue.get()
-        if item is _END:
-            self._finished = True
-            raise StopAsyncIteration
-        if isinstance(item, BaseException):
-            self._finished = True
-            raise item
-        return item
-
-
-@dataclasses.dataclass
-class Job:
-    """A chat request translated into the model's terms (see `to_job`)."""
-
-    messages: list[dict]
-    tools: list[dict] | None
-    documents: list[dict] | None
-    citations: bool
-    tool_choice: Any
-    response_format: Any
-    max_tokens: int | None
-    sampling: dict[str, Any]
-
-
-class Worker:
-    """Runs jobs on the model one at a time in a single thread; the executor's queue is the request queue."""
-
-    def __init__(self, model: "Model"):
-        self.model = model
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="r7b-generate")
-        self._streams: set[EventStream] = set()
-        self._lock = threading.Lock()
-
-    def submit(self, job: Job) -> EventStream:
-        stream = EventStream()
-        with self._lock:
-            self._streams.add(stream)
-        self._pool.submit(self._run, job, stream)
-        return stream
-
-    def close(self) -> None:
-        """Stop every queued or running generation and wait for the thread to let go of the model."""
-        with self._lock:
-            for stream in self._streams:
-                stream.cancel()
-        self._pool.shutdown(wait=True)
-
-    def _run(self, job: Job, stream: EventStream) -> None:
-        try:
-            if not stream.cancelled.is_set():
-                self._generate(job, stream)
-        except BaseException as exc:  # handed to the request, which decides what the client sees
-            stream.put(exc)
-        finally:
-            stream.put(_END)
-            with self._lock:
-                self._streams.discard(stream)
-
-    def _generate(self, job: Job, stream: EventStream) -> None:
-        options = prepare(self.model, job)
-        events = self.model.chat(job.messages, job.tools, job.documents, stream=True, **options)
-        try:
-            for event in events:
-                stream.put(event)
-                if stream.cancelled.is_set():
-                    return
-        finally:
-            events.close()
-
-
-# -- request → model -----------------------------------------------------------------------------
-
-
-def _text(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    return "\n".join(part.text for part in content)
-
-
-def _json_or_text(text: str) -> Any:
-    """Tool output that is a JSON object or array is shown to the model as JSON, not as a quoted string."""
-    if not text.lstrip().startswith(("{", "[")):
-        return text
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):
-        return text
-    return value if isinstance(value, (dict, list)) else text
-
-
-def template_message(msg: Any) -> dict:
-    """An OpenAI message as the chat templates take it (prompt.py maps the remaining OpenAI fields)."""
-    if msg.role in ("system", "developer"):
-        return {"role": "system", "content": _text(msg.content)}
-    if msg.role == "user":
-        return {"role": "user", "content": _text(msg.content)}
-    if msg.role == "tool":
-        return {"role": "tool", "tool_call_id": msg.tool_call_id, "content": _json_or_text(_text(msg.content))}
-    out: dict[str, Any] = {"role": "assistant", "content": _text(msg.content)}
-    if msg.tool_calls:
-        out["tool_calls"] = [c.model_dump() for c in msg.tool_calls]
-    plan = msg.tool_plan or msg.reasoning_content
-    if plan:
-        out["tool_plan"] = plan
-    return out
-
-
-def _tools(req: "ChatCompletionRequest") -> list[dict] | None:
-    if not req.tools or req.tool_choice == "none":
-        return None
-    return [_tool(t.function) for t in req.tools]
-
-
-def _tool(fn: Any) -> dict:
-    """The template prints `description` and `parameters` of every tool; OpenAI lets clients omit both."""
-    parameters = fn.parameters if fn.parameters is not None else {"type": "object", "properties": {}}
-    return {"type": "function", "function": {"name": fn.name, "description": fn.description or "",
-                                             "parameters": parameters}}
-
-
-def _check_tool_choice(req: "ChatCompletionRequest") -> None:
-    choice = req.tool_choice
-    if choice in (None, "auto", "none"):
-        return
-    if not req.tools:
-        raise APIError(400, "tool_choice needs a non-empty 'tools' list", param="tool_choice")
-    if choice != "required" and choice.function.name not in {t.function.name for t in req.tools}:
-        raise APIError(400, f"tool_choice names '{choice.function.name}', which is not in 'tools'", param="tool_choice")
-
-
-def to_job(req: "ChatCompletionRequest", max_tokens: int | None = None) -> Job:
-    """`max_tokens`: the server's ceiling; a request asking for more gets that many (finish_reason "length")."""
-    messages = [template_message(m) for m in req.messages]
-    documents = [{"text": d} if isinstance(d, str) else d for d in req.documents] if req.documents else None
-    citations = next((f for f in (req.citations_enabled, req.enable_citations) if f is not None), bool(documents))
-    _check_tool_choice(req)
-    sampling = {k: v for k, v in (("temperature", req.temperature), ("top_p", req.top_p), ("top_k", req.top_k),
-                                  ("seed", req.seed)) if v is not None}
-    if req.stop is not None:
-        sampling["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
-    return Job(messages=messages, tools=_tools(req), documents=documents, citations=citations,
-               tool_choice=req.tool_choice, response_format=req.response_format,
-               max_tokens=min(filter(None, (req.max_completion_tokens or req.max_tokens, max_tokens)), default=None),
-               sampling=sampling)
-
-
-def _grammar(job: Job, response_open: bool) -> str | None:
-    """The grammar that enforces tool_choice or response_format, if any.
-
-    `response_open`: the model must write `<|START_RESPONSE|>` itself (the agentic format).
-    """
-    from .grammar import PLAN_CHARS, json_response_grammar, tool_call_grammar
-
-    choice, fmt = job.tool_choice, job.response_format
-    if choice == "required" or (choice is not None and not isinstance(choice, str)):
-        only = None if choice == "required" else choice.function.name
-        schemas = [t["function"].get("parameters") for t in job.tools]
-        return _schema_grammar("tools", schemas, lambda: tool_call_grammar(job.tools, only=only))
-    if fmt is not None and fmt.type != "text":
-        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
-        return _schema_grammar("response_format", schema,
-                               lambda: json_response_grammar(schema, response_open=response_open))
-    if choice == "none" and response_open:  # an answer, never an action
-        return f'root ::= "<|START_RESPONSE|>" ({PLAN_CHARS})* "<|END_RESPONSE|>"'
-    return None
-
-
-def _schema_grammar(param: str, schema: Any, build: Callable[[], str]) -> str:
-    """Convert a client's JSON schema; whatever goes wrong is the schema's fault."""
-    _check_schema_size(schema, param)
-    try:
-        return build()
-    except Exception as exc:  # the converter asserts and raises freely on schemas it cannot handle
-        raise APIError(400, f"cannot turn the JSON schema in '{param}' into a grammar: {exc}", param=param) from None
-
-
-def _check_schema_size(schema: Any, param: str) -> None:
-    """Refuse repetition counts that the schema-to-grammar converter would write out in full."""
-    stack = [schema]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, list):
-            stack.extend(node)
-        elif isinstance(node, dict):
-            for key, value in node.items():
-                counts = [value] if key in SIZE_KEYS and isinstance(value, int) else []
-                if key == "pattern" and isinstance(value, str):
-                    counts = [int(n) for m in REPEAT.findall(value) for n in m if n]
-                if any(n > MAX_REPEAT for n in counts):
-                    raise APIError(400, f"'{key}' in the JSON schema is above {MAX_REPEAT}, too large for a grammar",
-                                   param=param)
-                stack.append(value)
-
-
-@contextlib.contextmanager
-def _client_errors(what: str):
-    """Turn errors caused by what the client sent into a 400 that says so."""
-    from jinja2 import TemplateError
-
-    try:
-        yield
-    except (R7BError, TemplateError) as exc:
-        raise APIError(400, f"{what}: {exc}") from None
-    except UnicodeError:
-        raise APIError(400, f"{what}: the request holds text that is not valid Unicode") from None
-    except RecursionError:
-        raise APIError(400, f"{what}: the request is nested too deeply") from None
-
-
-def prepare(model: "Model", job: Job) -> dict[str, Any]:
-    """Render and measure the prompt and pick the grammar; the `model.chat` options for `job`."""
-    from .model import RESPONSE_OPEN
-    from .protect import Protector
-
-    with _client_errors("cannot build the prompt"):
-        rendered = model.render(job.messages, job.tools, job.documents, enable_citations=job.citations)
-        n_prompt = len(model.tokenize_prompt(rendered))
-    room = model.engine.n_ctx - n_prompt
-    if room < 1:
-        raise APIError(400, f"the prompt has {n_prompt} tokens, but the model's context holds {model.engine.n_ctx}"
-                            " (including the answer); shorten the messages", param="messages",
-                       code="context_length_exceeded")
-    response_open = not Protector.strip(rendered).endswith(RESPONSE_OPEN)
-    return {**job.sampling, "max_tokens": min(job.max_tokens or room, room), "grammar": _grammar(job, response_open),
-            "enable_citations": job.citations}
-
-
-# -- model → response ----------------------------------------------------------------------------
-
-
-def finish_reason(result: "ChatResult") -> str:
-    if result.tool_calls:
-        return "tool_calls"
-    return "length" if result.finish_reason == "length" else "stop"
-
-
-def _tool_call_out(call: dict) -> dict:
-    fn = call["function"]
-    args = fn["arguments"]
-    return {"id": str(call["id"]), "type": "function",
-            "function": {"name": fn["name"], "arguments": args if isinstance(args, str) else json.dumps(args)}}
-
-
-def _citations(result: "ChatResult") -> list[dict]:
-    return [c.to_dict() for c in result.citations]
-
-
-@dataclasses.dataclass
-class Reply:
-    """What every chunk or completion of one request shares."""
-
-    model: str
-    citations: bool
-    include_usage: bool = False
-    id: str = dataclasses.field(default_factory=lambda: "chatcmpl-" + secrets.token_hex(12))
-    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
-
-    def completion(self, result: "ChatResult") -> dict:
-        from .openai_schema import ChatCompletion
-
-        message: dict[str, Any] = {"content": result.text if result.text or not result.tool_calls else None}
-        if result.tool_calls:
-            message["tool_calls"] = [_tool_call_out(c) for c in result.tool_calls]
-        if result.thinking:
-            message["reasoning_content"] = result.thinking
-        if self.citations or result.citations:
-            message["citations"] = _citations(result)
-        body = ChatCompletion(id=self.id, created=self.created, model=self.model, usage=result.usage.to_dict(),
-                              choices=[{"message": message, "finish_reason": finish_reason(result)}])
-        return body.model_dump(mode="json")
-
-    def chunk(self, delta: dict | None, finish: str | None = None, usage: dict | None = None) -> str:
-        from .openai_schema import ChatCompletionChunk
-
-        choices = [] if delta is None else [{"delta": delta, "finish_reason": finish}]
-        chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
-        return f"data: {chunk.model_dump_json()}\n\n"
-
-
-class ChunkWriter:
-    """Turns model events into `chat.completion.chunk` lines."""
-
-    def __init__(self, reply: Reply):
-        self.reply = reply
-        self.tool_calls = 0
-
-    def start(self) -> str:
-        return self.reply.chunk({"role": "assistant", "content": ""})
-
-    def event(self, event: object) -> list[str]:
-        from .model import Done
-        from .parse import TextDelta, ThinkingDelta, ToolCallEvent
-
-        if isinstance(event, (TextDelta, ThinkingDelta)) and event.text:
-            key = "content" if isinstance(event, TextDelta) else "reasoning_content"
-            return [self.reply.chunk({key: event.text})]
-        if isinstance(event, ToolCallEvent):
-            return [self._tool_call(event.tool_call)]
-        if isinstance(event, Done):
-            return self._finish(event.result)
-        return []
-
-    def _tool_call(self, call: dict) -> str:
-        line = self.reply.chunk({"tool_calls": [{"index": self.tool_calls, **_tool_call_out(call)}]})
-        self.tool_calls += 1
-        return line
-
-    def _finish(self, result: "ChatResult") -> list[str]:
-        lines = [self._tool_call(c) for c in result.tool_calls[self.tool_calls:]]  # any the parser held back
-        delta = {"citations": _citations(result)} if self.reply.citations or result.citations else {}
-        lines.append(self.reply.chunk(delta, finish=finish_reason(result)))
-        if self.reply.include_usage:
-            lines.append(self.reply.chunk(None, usage=result.usage.to_dict()))
-        return lines
-
-
 # -- the application -----------------------------------------------------------------------------
 
 
@@ -545,9 +196,7 @@ async def cancel_on_disconnect(request, stream: EventStream, every: float = 0.25
         watcher.cancel()
 
 
-async def _result(stream: EventStream) -> "ChatResult":
-    from .model import Done
-
+async def _result(stream: EventStream) -> ChatResult:
     async for event in stream:
         if isinstance(event, Done):
             return event.result
@@ -558,7 +207,7 @@ def _client_error(exc: BaseException) -> APIError | None:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, R7BError):  # the project's "bad input" error, e.g. a grammar llama.cpp rejects
-        return APIError(400, str(exc))
+        return APIError(400, str(exc), param=getattr(exc, "param", None), code=getattr(exc, "code", None))
     return None
 
 
@@ -599,10 +248,6 @@ def _validation_error(errors: list[dict]) -> APIError:
 
 def _openapi_schema(app, model_name: str, secured: bool, max_tokens: int | None = None) -> dict:
     """FastAPI's document, corrected: 400 instead of 422, the one model name, the bearer key, the token cap."""
-    from fastapi.openapi.utils import get_openapi
-
-    from .openai_schema import stream_components
-
     doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     schemas = doc.get("components", {}).get("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
@@ -612,7 +257,7 @@ def _openapi_schema(app, model_name: str, secured: bool, max_tokens: int | None 
             op.get("responses", {}).pop("422", None)
             if secured and path not in PUBLIC_PATHS:
                 op["security"] = [{"bearer": []}]
-    for name, schema in stream_components().items():
+    for name, schema in oa.stream_components().items():
         schemas.setdefault(name, schema)
     model_prop = schemas["ChatCompletionRequest"]["properties"]["model"]
     model_prop["anyOf"] = [{"type": "string", "enum": [model_name]}, {"type": "null"}]
@@ -627,24 +272,20 @@ def _openapi_schema(app, model_name: str, secured: bool, max_tokens: int | None 
     return doc
 
 
-def create_app(model: "Model", *, model_name: str, api_key: str | None = None,
+def create_app(model: Model, *, model_name: str, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY, max_tokens: int | None = None):
     """The ASGI application serving `model` under `model_name`; `max_tokens` caps every answer."""
-    from fastapi import FastAPI
-
-    from r7b import __version__
-
-    worker = Worker(model)
+    scheduler = Scheduler(model)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        await asyncio.to_thread(worker.close)
+        await asyncio.to_thread(scheduler.close)
 
     app = FastAPI(title="r7b-edge", version=__version__, lifespan=lifespan,
                   description=__doc__.partition("\n\n")[2])
     _add_error_handlers(app)
-    _add_routes(app, worker, model_name, max_tokens)
+    _add_routes(app, scheduler, model_name, max_tokens)
 
     def openapi() -> dict:
         if app.openapi_schema is None:
@@ -660,11 +301,6 @@ def create_app(model: "Model", *, model_name: str, api_key: str | None = None,
 
 def _add_error_handlers(app) -> None:
     """Every error leaves in OpenAI's shape; FastAPI's 422 for a malformed body becomes OpenAI's 400."""
-    from fastapi import Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from starlette.exceptions import HTTPException
-
     def respond(error: APIError, headers: dict | None = None) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
@@ -690,14 +326,9 @@ def _add_error_handlers(app) -> None:
         return respond(APIError(500, "internal server error", type="server_error"))
 
 
-def _add_routes(app, worker: Worker, model_name: str, max_tokens: int | None) -> None:
-    from fastapi import Request
-    from fastapi.responses import JSONResponse, StreamingResponse
-
-    from . import openai_schema as oa
-
+def _add_routes(app, scheduler: Scheduler, model_name: str, max_tokens: int | None) -> None:
     errors = {code: {"model": oa.ErrorResponse} for code in (400, 401, 404, 413, 500, 503)}
-    card = oa.ModelCard(id=model_name, created=int(Path(worker.model.path).stat().st_mtime), owned_by="r7b-edge")
+    card = oa.ModelCard(id=model_name, created=int(Path(scheduler.model.path).stat().st_mtime), owned_by="r7b-edge")
 
     @app.get("/health", response_model=oa.Health)
     async def health() -> dict:
@@ -716,10 +347,10 @@ def _add_routes(app, worker: Worker, model_name: str, max_tokens: int | None) ->
               responses={**errors, 200: {"content": {"text/event-stream": {"schema": oa.SSE_EVENT}}}})
     async def chat_completions(body: oa.ChatCompletionRequest, request: Request):
         _check_model(body.model, model_name)
-        job = to_job(body, max_tokens)
-        reply = Reply(model=model_name, citations=job.citations,
+        chat = to_request(body, max_tokens)
+        reply = Reply(model=model_name, citations=chat.wants_citations,
                       include_usage=bool(body.stream_options and body.stream_options.include_usage))
-        stream = worker.submit(job)
+        stream = scheduler.submit(chat)
         async with cancel_on_disconnect(request, stream):
             if not body.stream:
                 return JSONResponse(reply.completion(await _result(stream)))
@@ -741,7 +372,7 @@ def _check_model(name: str | None, served: str) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP API (chat completions, tools, documents)")
-    p.add_argument("model", metavar="MODEL.gguf")
+    add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", metavar="KEY", default=os.environ.get("R7B_API_KEY") or None,
@@ -750,12 +381,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="allow a non-loopback --host without an API key")
     p.add_argument("--model-name", metavar="NAME",
                    help="name clients use (default: the GGUF's general.name, else the file name)")
-    p.add_argument("--n-ctx", type=int, metavar="N", default=8192, help="context size in tokens (default 8192)")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: cores, up to 8)")
-    p.add_argument("--gpu-layers", type=int, metavar="N", default=0,
-                   help="layers to offload (-1: all, on Metal/CUDA builds)")
-    p.add_argument("--kv-type", metavar="TYPE", default="f16", help="KV cache type: f16, q8_0, q4_0 ... (default f16)")
-    add_chat_template_arg(p)
     p.add_argument("--max-tokens", type=int, metavar="N",
                    help="most tokens one answer may have; requests asking for more get N, with finish_reason "
                         "'length' (default: the rest of the context)")
@@ -787,12 +412,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _serve_main(args: argparse.Namespace) -> int:
     _check_args(args)
-    import uvicorn
-
-    from .model import Model
-
-    model = Model.load(args.model, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
-                       kv_type=args.kv_type, chat_template=args.chat_template)
+    model = Model.load(args.model, **load_kwargs(args))
     name = args.model_name or model.engine.metadata("general.name") or Path(args.model).stem
     app = create_app(model, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                      max_tokens=args.max_tokens)

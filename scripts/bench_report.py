@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import platform
 import shutil
 import subprocess
 import sys
@@ -30,8 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import synthetic_model  # noqa: E402
 
-from r7b.runtime import bench  # noqa: E402
-from r7b.runtime.memory import COMMAND_R7B, GIB, MIB, kv_cache_bytes, pad  # noqa: E402
+from r7b.quality import bench  # noqa: E402
+from r7b.cohere2 import COMMAND_R7B  # noqa: E402
+from r7b.memory import GIB, MIB, format_bytes, kv_cache_bytes, pad  # noqa: E402
+from r7b.quality.report import log, machine, md_table  # noqa: E402
 
 QUANTS = ("Q8_0", "Q4_K_M", "Q4_0")
 KV_CONTEXTS = (4096, 32768, 131072)
@@ -61,31 +62,6 @@ FULL = Plan(layers=(16, 8), prompt=512, gen=128, repeat=7, stand_in_repeat=30, p
             reply_tokens=16, bandwidth_bytes=1 << 30)
 QUICK = Plan(layers=(4, 2), prompt=128, gen=32, repeat=2, stand_in_repeat=3, pp_lengths=(64, 256), depths=(0, 512),
              depth_gen=8, kv_measured=(4096,), turns=3, turn_tokens=60, reply_tokens=4, bandwidth_bytes=1 << 28)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-# -- the machine ------------------------------------------------------------------------------------
-
-def machine() -> dict[str, str]:
-    """What the figures were measured on."""
-    import llama_cpp
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor() or "unknown")
-    mem_kb = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "ram": f"{mem_kb / 1024**2:.1f} GiB",
-            "os": platform.platform(), "python": platform.python_version(),
-            "llama-cpp-python": llama_cpp.__version__,
-            "llama.cpp": llama_cpp.llama_print_system_info().decode().strip().rstrip("|").strip(),
-            "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 class BusyMeter:
@@ -408,17 +384,6 @@ def _mib(n: float) -> str:
     return f"{n / MIB:.1f}"
 
 
-def _size(n: float) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.1f} MiB"
-
-
-def _table(head: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "") -> list[str]:
-    align = align or "l" + "r" * (len(head) - 1)
-    sep = ["---:" if a == "r" else "---" for a in align]
-    return ["| " + " | ".join(head) + " |", "| " + " | ".join(sep) + " |",
-            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows), ""]
-
-
 def md_summary(data: dict[str, Any]) -> list[str]:
     """The headline figures against what the project aims for."""
     results = data["speed"]
@@ -440,8 +405,8 @@ def md_summary(data: dict[str, Any]) -> list[str]:
     if "kv" in data:
         c = data["kv"]["computed"]
         rows.append(("KV cache at 32K, small vs full SWA cache",
-                     f"Command R7B {_size(c[('Command R7B', False)][1])} vs {_size(c[('Command R7B', True)][1])}; "
-                     f"synthetic {_size(c[('synthetic', False)][1])} vs {_size(c[('synthetic', True)][1])}"))
+                     f"Command R7B {format_bytes(c[('Command R7B', False)][1])} vs {format_bytes(c[('Command R7B', True)][1])}; "
+                     f"synthetic {format_bytes(c[('synthetic', False)][1])} vs {format_bytes(c[('synthetic', True)][1])}"))
     if data.get("ttft"):
         last = data["ttft"][-1]
         rows.append((f"TTFT of turn {last['turn']} ({last['prompt_tokens']} prompt tokens)",
@@ -449,7 +414,7 @@ def md_summary(data: dict[str, Any]) -> list[str]:
                      f"re-evaluating ({last['fresh_ttft'] / last['reuse_ttft']:.1f}×)"))
     if data.get("convert"):
         rows.append(("conversion peak RSS vs model size", _convert_text(data["convert"])))
-    return ["## Summary", "", *_table(("goal", "measured"), rows, "ll")]
+    return ["## Summary", "", *md_table(("goal", "measured"), rows, "ll")]
 
 
 def _depth0_text(data: dict[str, Any], limit: float) -> str:
@@ -473,7 +438,7 @@ def _convert_text(rows: list[dict[str, Any]]) -> str:
 def md_machine(data: dict[str, Any]) -> list[str]:
     m = data["machine"]
     rows = [(k, v) for k, v in m.items()]
-    return ["## Machine", "", *_table(("", ""), rows, "ll")]
+    return ["## Machine", "", *md_table(("", ""), rows, "ll")]
 
 
 def md_speed(data: dict[str, Any]) -> list[str]:
@@ -482,7 +447,7 @@ def md_speed(data: dict[str, Any]) -> list[str]:
     rows, rows2 = [], []
     for r in results:
         label = _model_label(r)
-        size = f"{_size(r.model.size_bytes)}, {r.model.n_params / 1e6:.0f} M"
+        size = f"{format_bytes(r.model.size_bytes)}, {r.model.n_params / 1e6:.0f} M"
         for test, key in ((f"pp{plan.prompt}", "pp_tps"), (f"tg{plan.gen}", "tg_tps")):
             rows.append((label, size, test, fs(r.r7b[key]), fs(r.raw[key]), f"{r.ratio[key]:.3f}"))
         if r.chat:
@@ -503,12 +468,12 @@ def md_speed(data: dict[str, Any]) -> list[str]:
             + ", ".join(f"{_model_label(r)} {r.settings['redone']}" for r in results) + ". One row: "
             f"`r7b bench MODEL.gguf --prompt-tokens {plan.prompt} --gen-tokens {plan.gen} --repeat {plan.repeat}`.",
             "",
-            *_table(("model", "size, params", "test", "r7b t/s", "raw t/s", "r7b/raw"), rows, "lllrrr"),
+            *md_table(("model", "size, params", "test", "r7b t/s", "raw t/s", "r7b/raw"), rows, "lllrrr"),
             "Time to first token (prefill + first sample; ratio below 1: r7b faster); peak RSS of a process "
             "holding one side only, during a run of the same prompt and 8 generated tokens (VmHWM, reset before "
             f"each of {min(plan.repeat, bench.MEM_REPEAT)} runs); the KV cache llama.cpp allocated (small "
             f"sliding-window cache, f16, n_ctx {pad(plan.prompt + plan.gen)}):", "",
-            *_table(("model", "TTFT ms r7b", "TTFT ms raw", "r7b/raw", "peak RSS MiB r7b", "peak RSS MiB raw",
+            *md_table(("model", "TTFT ms r7b", "TTFT ms raw", "r7b/raw", "peak RSS MiB r7b", "peak RSS MiB raw",
                      "KV MiB r7b / raw"), rows2),
             "![r7b/raw ratios](bench-ratio.png)", ""]
 
@@ -527,14 +492,14 @@ def md_bandwidth(data: dict[str, Any]) -> list[str]:
                     f"{g['r7b']:.1f}", f"{bench.utilisation(g['r7b'], limit):.0%}",
                     f"{bench.utilisation(g['raw'], limit):.0%}"))
     return ["## Decode against the memory bandwidth", "",
-            f"Streaming bandwidth of the machine (numpy over {_size(bw[0]['bytes'])}, best of 5; read = OR-reduction "
+            f"Streaming bandwidth of the machine (numpy over {format_bytes(bw[0]['bytes'])}, best of 5; read = OR-reduction "
             "of uint64, copy = bytes read + written):", "",
-            *_table(("", "read GB/s", "copy GB/s"), rows),
+            *md_table(("", "read GB/s", "copy GB/s"), rows),
             "Bytes one decode step reads ≈ every weight matrix once (the tied token embedding is the output "
             "projection, so it is read in full; its row lookup is not counted again) + the f16 K and V rows "
             f"attention reads at the mean depth of tg{data['plan'].gen} (sliding layers: at most the window). "
             f"Achieved = bytes/token × tokens/s; utilisation is against the best read figure ({limit:.1f} GB/s).",
-            "", *_table(("model", "MiB/token", "tg t/s (r7b)", "GB/s (r7b)", "of read bandwidth (r7b)",
+            "", *md_table(("model", "MiB/token", "tg t/s (r7b)", "GB/s (r7b)", "of read bandwidth (r7b)",
                          "(raw)"), dec),
             "The stand-in (10 MiB) fits in the CPU caches, so it is left out: its decode is not bound by RAM.", ""]
 
@@ -546,8 +511,8 @@ def md_scaling(data: dict[str, Any]) -> list[str]:
             f"{plan.depth_gen} tokens generated after a prompt of the given depth; MiB/token counts the weights "
             "and the K/V rows attention reads at that depth, GB/s is that times tokens/s (a fall in GB/s means "
             f"attention compute, not memory, sets the pace). Background load: {data['busy']['scaling']:.2f} cores.",
-            "", *_table(("prompt tokens", "prefill t/s"), [(n, f"{v:.1f}") for n, v in sc["pp"]]),
-            *_table(("depth (tokens in context)", "decode t/s", "MiB/token", "GB/s"), _depth_rows(sc)),
+            "", *md_table(("prompt tokens", "prefill t/s"), [(n, f"{v:.1f}") for n, v in sc["pp"]]),
+            *md_table(("depth (tokens in context)", "decode t/s", "MiB/token", "GB/s"), _depth_rows(sc)),
             "![scaling](bench-scaling.png)", ""]
 
 
@@ -564,12 +529,12 @@ def md_kv(data: dict[str, Any]) -> list[str]:
     shape = kv["shape"]
     rows = []
     for (label, full), values in kv["computed"].items():
-        rows.append((label, "full (swa_full=True)" if full else "small", *(_size(v) for v in values)))
+        rows.append((label, "full (swa_full=True)" if full else "small", *(format_bytes(v) for v in values)))
     meas = []
     for (n, full), value in kv["measured"].items():
         s = shape
         calc = kv_cache_bytes(s.n_layers, s.n_kv_heads, s.head_dim, n, s.sliding_window, swa_full=full)
-        meas.append((f"{n // 1024}K", "full" if full else "small", _size(value), _size(calc)))
+        meas.append((f"{n // 1024}K", "full" if full else "small", format_bytes(value), format_bytes(calc)))
     small32 = kv["computed"][("Command R7B", False)][1]
     full32 = kv["computed"][("Command R7B", True)][1]
     synth = kv["computed"][("synthetic", False)][1], kv["computed"][("synthetic", True)][1]
@@ -577,11 +542,11 @@ def md_kv(data: dict[str, Any]) -> list[str]:
             f"f16 K and V for one sequence. Synthetic: {shape.n_layers} layers, {shape.n_kv_heads} KV heads × "
             f"{shape.head_dim}, window {shape.sliding_window}; Command R7B: 32 layers, 8 × 128, window 4096. Every "
             "4th layer is global; with the small cache the 3 sliding layers in 4 keep window + 512 cells.", "",
-            *_table(("model", "SWA cache", *(f"{n // 1024}K" for n in KV_CONTEXTS)), rows, "llrrr"),
+            *md_table(("model", "SWA cache", *(f"{n // 1024}K" for n in KV_CONTEXTS)), rows, "llrrr"),
             "Measured: what llama.cpp allocated for the synthetic model (its log), against the computed size:", "",
-            *_table(("context", "SWA cache", "llama.cpp", "computed"), meas, "llrr"),
-            f"At 32K the small cache saves {_size(full32 - small32)} for Command R7B ({1 - small32 / full32:.0%}) and "
-            f"{_size(synth[1] - synth[0])} for the synthetic model ({1 - synth[0] / synth[1]:.0%}).", "",
+            *md_table(("context", "SWA cache", "llama.cpp", "computed"), meas, "llrr"),
+            f"At 32K the small cache saves {format_bytes(full32 - small32)} for Command R7B ({1 - small32 / full32:.0%}) and "
+            f"{format_bytes(synth[1] - synth[0])} for the synthetic model ({1 - synth[0] / synth[1]:.0%}).", "",
             "![KV cache](bench-kv.png)", ""]
 
 
@@ -594,13 +559,13 @@ def md_ttft(data: dict[str, Any]) -> list[str]:
             f"{plan.reply_tokens}-token replies, synthetic Q4_K_M. `ChatSession` keeps the conversation's KV cache "
             "and evaluates only the new tokens; the other side clears the cache before each turn and replays the "
             f"same messages. Background load: {data['busy']['ttft']:.2f} cores.", "",
-            *_table(("turn", "prompt tokens", "evaluated (reuse)", "TTFT ms (reuse)", "evaluated (cleared)",
+            *md_table(("turn", "prompt tokens", "evaluated (reuse)", "TTFT ms (reuse)", "evaluated (cleared)",
                      "TTFT ms (cleared)", "speed-up"), rows),
             "![TTFT](bench-ttft.png)", ""]
 
 
 def md_convert(data: dict[str, Any]) -> list[str]:
-    rows = [(r["layers"], f"{r['params'] / 1e9:.3f} B", r["step"], _size(r["read_bytes"]), f"{r['wall_s']:.1f}",
+    rows = [(r["layers"], f"{r['params'] / 1e9:.3f} B", r["step"], format_bytes(r["read_bytes"]), f"{r['wall_s']:.1f}",
              f"{r['mb_s']:.0f}", _mib(r["peak_rss"]), _mib(r["peak_anon"])) for r in data["convert"]]
     return ["## Conversion", "",
             "`r7b convert` (bf16 safetensors → F16 GGUF) and `r7b quantize` (F16 → type) as subprocesses, on the "
@@ -608,7 +573,7 @@ def md_convert(data: dict[str, Any]) -> list[str]:
             "memory-mapped file pages, which the kernel can drop at any time; peak anonymous RSS is the memory the "
             "process itself allocated. Both are read from /proc every 10 ms. Background load: "
             f"{data['busy']['convert']:.2f} cores.", "",
-            *_table(("layers", "params", "step", "input", "wall s", "MB/s", "peak RSS MiB", "peak anon MiB"),
+            *md_table(("layers", "params", "step", "input", "wall s", "MB/s", "peak RSS MiB", "peak anon MiB"),
                     rows, "rrllrrrr")]
 
 
@@ -646,12 +611,12 @@ def write_report(out: Path, data: dict[str, Any]) -> Path:
 # -- main ----------------------------------------------------------------------------------------------
 
 def run(plan: Plan, work: Path, command: str) -> dict[str, Any]:
-    from r7b.convert.hf_to_gguf import convert
-    from r7b.runtime.engine import default_threads
+    from r7b.convert.convert import convert
+    from r7b.llama import default_threads
 
     t0 = time.monotonic()
     threads = default_threads()
-    data: dict[str, Any] = {"plan": plan, "machine": machine(), "threads": threads, "command": command, "busy": {}}
+    data: dict[str, Any] = {"plan": plan, "machine": machine(ROOT), "threads": threads, "command": command, "busy": {}}
     data["bandwidth"] = [bench.memory_bandwidth(n, plan.bandwidth_bytes) for n in sorted({1, threads})]
     log("memory bandwidth measured")
     with BusyMeter() as busy:

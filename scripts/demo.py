@@ -36,7 +36,7 @@ def show(result) -> None:
 
 
 def main() -> int:
-    from r7b.convert.hf_to_gguf import convert
+    from r7b.convert.convert import convert
     from r7b.convert.quantize import quantize
     from r7b.runtime.model import ChatSession, Model
 

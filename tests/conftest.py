@@ -34,7 +34,7 @@ def gguf_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def stand_in_gguf(stand_in, gguf_dir):
     """Factory: outtype ('f32', 'f16', 'bf16') -> converted GGUF path, converted once per session."""
-    from r7b.convert.hf_to_gguf import convert
+    from r7b.convert.convert import convert
 
     cache: dict[str, Path] = {}
 

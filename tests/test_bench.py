@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from r7b.runtime import bench
-from r7b.runtime.bench import BenchResult, ModelInfo, Spread, Timing
-from r7b.runtime.memory import MIB, ModelShape
+from r7b.quality import bench
+from r7b.quality.bench import BenchResult, ModelInfo, Spread, Timing
+from r7b.cohere2 import Cohere2Dims
+from r7b.memory import MIB
 
 
 class FakeClock:
@@ -99,7 +100,7 @@ def test_bytes_per_token_counts_a_tied_embedding_once_in_full():
 
 
 def test_kv_read_per_token_respects_the_window():
-    shape = ModelShape(n_layers=8, n_heads=4, n_kv_heads=2, head_dim=64, hidden=256, ffn=768, vocab=100,
+    shape = Cohere2Dims(n_layers=8, n_heads=4, n_kv_heads=2, head_dim=64, hidden=256, ffn=768, vocab=100,
                        sliding_window=100, context_length=4096)
     row = 2 * 64 * 2  # f16 bytes of one K (or V) row
     assert bench.kv_bytes_read(shape, 50) == 2 * row * 50 * 8

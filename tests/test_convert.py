@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from r7b.convert.hf_to_gguf import convert
+from r7b.convert.convert import convert
 
 R7B = [sys.executable, "-m", "r7b.cli"]
 # Measured on the stand-in over 3 prompts (348 positions, f32 KV cache): F32 max |Δlogit| 5.0e-5,

@@ -20,7 +20,8 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as V
 
-from r7b.convert.validate import GGUFError, GGUFSummary, validate_gguf
+from r7b.gguf_reader import GGUFError, GGUFFile
+from r7b.gguf_validate import validate_gguf
 from r7b.errors import R7BError
 
 N_LAYER, N_EMBD, N_HEAD, N_HEAD_KV, N_FF = 4, 64, 4, 2, 128
@@ -180,7 +181,7 @@ def _expect(path: Path, *fragments: str, **kwargs: Any) -> str:
 
 def test_valid_file_passes_and_summarises(tiny_gguf):
     s = validate_gguf(tiny_gguf, check_tensor_data=True)
-    assert isinstance(s, GGUFSummary)
+    assert isinstance(s, GGUFFile)
     assert (s.version, s.architecture, s.file_size) == (3, "cohere2", tiny_gguf.stat().st_size)
     assert s.data_offset % s.alignment == 0 and s.alignment == 32
     assert len(s.tensors) == 2 + N_LAYER * 8

@@ -11,8 +11,8 @@ import gguf
 import numpy as np
 import pytest
 
-from r7b.convert.imatrix import (GGMLTensor, Imatrix, collect_imatrix, imatrix, load_imatrix, read_imatrix,
-                                write_imatrix)
+from r7b.convert.imatrix import GGMLTensor, collect_imatrix, imatrix
+from r7b.convert.imatrix_file import Imatrix, load_imatrix, read_imatrix, write_imatrix
 
 R7B = [str(Path(sys.executable).with_name("r7b"))]
 MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")

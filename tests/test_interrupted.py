@@ -18,7 +18,7 @@ KILLS_PER_COMMAND = 6
 
 
 def _looks_valid_gguf(path: Path) -> bool:
-    from r7b.convert.validate import validate_gguf
+    from r7b.gguf_validate import validate_gguf
     from r7b.errors import R7BError
 
     try:

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from r7b.errors import R7BError
-from r7b.quality import TokenScores, evaluate, percentile, score_rows, standard_error, summarize
+from r7b.quality.eval import evaluate
+from r7b.quality.kld import TokenScores, percentile, score_rows, standard_error, summarize
 
 CTX = 128
 FIRST = CTX // 2
@@ -59,7 +60,7 @@ def quants(f16, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def broken(f16, tmp_path_factory) -> Path:
     """F16 with an eighth of one attention matrix overwritten by noise: still a valid file, plainly damaged."""
-    from r7b.convert.validate import validate_gguf
+    from r7b.gguf_validate import validate_gguf
 
     summary = validate_gguf(f16)
     t = summary.by_name["blk.1.attn_q.weight"]
@@ -169,7 +170,7 @@ def test_cli_figures_equal_an_independent_computation(f16, quants, text_file):
 
 
 def test_no_state_carries_from_one_chunk_to_the_next(f16, text_file):
-    from r7b.quality import _Llama
+    from r7b.quality.scorer import Scorer as _Llama
 
     _, chunks = chunked_tokens(f16, text_file.read_text(encoding="utf-8"))
 

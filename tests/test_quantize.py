@@ -15,7 +15,8 @@ import gguf
 import numpy as np
 import pytest
 
-from r7b.convert.imatrix import Imatrix, imatrix, write_imatrix
+from r7b.convert.imatrix import imatrix
+from r7b.convert.imatrix_file import Imatrix, write_imatrix
 from r7b.convert.quantize import QUANT_TYPES, plan_types, quantize, read_model
 
 R7B = [str(Path(sys.executable).with_name("r7b"))]
@@ -262,7 +263,7 @@ def test_bad_input_is_one_line_and_no_file(case, f16, quantized, tmp_path):
 
 def quality_table(stand_in: Path, folder: Path) -> str:
     """Every type with and without an imatrix: size, bits per weight, mean KLD vs F16, top-1."""
-    from r7b.convert.hf_to_gguf import convert
+    from r7b.convert.convert import convert
 
     held = {lang: (stand_in.parent / "held-out" / f"{lang}.txt").read_text(encoding="utf-8") for lang in ("en", "es")}
     calib, measure = held_out_slices(held)

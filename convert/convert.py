@@ -16,28 +16,18 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
+from r7b.cohere2 import ARCH, PRE_TOKENIZER, Cohere2Dims, gguf_name
 from r7b.errors import R7BError
 from r7b.fsutil import atomic_output, check_output_path
 
-from .checkpoint import Cohere2Arch, TensorRef, bf16_to_f32, f32_to_bf16, read_arch, read_tensor, tensor_refs
+from .checkpoint import TensorRef, bf16_to_f32, f32_to_bf16, read_dims, read_tensor, tensor_refs
 from .hub import is_hub_id, resolve_checkpoint
-from .vocab import PRE_TOKENIZER, checkpoint_templates, read_vocab
+from .vocab import checkpoint_templates, read_vocab
 
-ARCH = "cohere2"
 OUTTYPES = {
     "f32": gguf.LlamaFileType.ALL_F32,
     "f16": gguf.LlamaFileType.MOSTLY_F16,
     "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-}
-LAYER_TENSORS = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
 }
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -51,40 +41,11 @@ class PlannedTensor:
     qtype: gguf.GGMLQuantizationType
 
 
-def expected_shapes(arch: Cohere2Arch) -> dict[str, tuple[int, ...]]:
-    """HF tensor names with their shapes (rows, cols) as transformers stores them."""
-    h, ff, hd = arch.hidden_size, arch.intermediate_size, arch.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (arch.vocab_size, h), "model.norm.weight": (h,)}
-    per_layer = {
-        "input_layernorm": (h,),
-        "self_attn.q_proj": (arch.num_heads * hd, h),
-        "self_attn.k_proj": (arch.num_kv_heads * hd, h),
-        "self_attn.v_proj": (arch.num_kv_heads * hd, h),
-        "self_attn.o_proj": (h, arch.num_heads * hd),
-        "mlp.gate_proj": (ff, h),
-        "mlp.up_proj": (ff, h),
-        "mlp.down_proj": (h, ff),
-    }
-    for i in range(arch.num_layers):
-        for key, shape in per_layer.items():
-            shapes[f"model.layers.{i}.{key}.weight"] = shape
-    return shapes
-
-
-def gguf_name(hf_name: str) -> str:
-    if hf_name == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if hf_name == "model.norm.weight":
-        return "output_norm.weight"
-    _, _, layer, rest = hf_name.split(".", 3)
-    return f"blk.{layer}.{LAYER_TENSORS[rest.removesuffix('.weight')]}.weight"
-
-
-def plan_tensors(arch: Cohere2Arch, refs: dict[str, TensorRef], outtype: str) -> list[PlannedTensor]:
+def plan_tensors(dims: Cohere2Dims, refs: dict[str, TensorRef], outtype: str) -> list[PlannedTensor]:
     """Check names and shapes against the architecture before writing a byte."""
-    if not arch.tied_embeddings or "lm_head.weight" in refs:
+    if not dims.tied_embeddings or "lm_head.weight" in refs:
         raise R7BError("untied output embeddings (lm_head.weight) are not supported: llama.cpp's cohere2 ties them")
-    expected = expected_shapes(arch)
+    expected = dims.hf_weights()
     unexpected = [n for n in refs if n not in expected and not n.endswith(IGNORED_SUFFIXES)]
     if unexpected:
         raise R7BError(f"unexpected tensor {unexpected[0]} ({len(unexpected)} in all): not a Cohere2 checkpoint?")
@@ -118,31 +79,31 @@ def convert_tensor(data: np.ndarray, source_dtype: str, qtype: gguf.GGMLQuantiza
     return out
 
 
-def add_metadata(writer: gguf.GGUFWriter, arch: Cohere2Arch, outtype: str, name: str, source: str) -> None:
+def add_metadata(writer: gguf.GGUFWriter, dims: Cohere2Dims, outtype: str, name: str, source: str) -> None:
     writer.add_name(name)
     if is_hub_id(source):
         writer.add_source_repo_url(f"https://huggingface.co/{source}")
     writer.add_file_type(int(OUTTYPES[outtype]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_vocab_size(arch.vocab_size)
-    writer.add_context_length(arch.context_length)
-    writer.add_embedding_length(arch.hidden_size)
-    writer.add_feed_forward_length(arch.intermediate_size)
-    writer.add_block_count(arch.num_layers)
-    writer.add_head_count(arch.num_heads)
-    writer.add_head_count_kv(arch.num_kv_heads)
-    writer.add_key_length(arch.head_dim)
-    writer.add_value_length(arch.head_dim)
-    writer.add_rope_freq_base(arch.rope_theta)
-    writer.add_rope_dimension_count(arch.rope_dim)
+    writer.add_vocab_size(dims.vocab)
+    writer.add_context_length(dims.context_length)
+    writer.add_embedding_length(dims.hidden)
+    writer.add_feed_forward_length(dims.ffn)
+    writer.add_block_count(dims.n_layers)
+    writer.add_head_count(dims.n_heads)
+    writer.add_head_count_kv(dims.n_kv_heads)
+    writer.add_key_length(dims.head_dim)
+    writer.add_value_length(dims.head_dim)
+    writer.add_rope_freq_base(dims.rope_theta)
+    writer.add_rope_dimension_count(dims.rope_dim)
     writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
-    writer.add_layer_norm_eps(arch.layer_norm_eps)
-    writer.add_logit_scale(arch.logit_scale)
-    writer.add_sliding_window(arch.sliding_window)
+    writer.add_layer_norm_eps(dims.layer_norm_eps)
+    writer.add_logit_scale(dims.logit_scale)
+    writer.add_sliding_window(dims.sliding_window)
 
 
-def add_tokenizer(writer: gguf.GGUFWriter, folder: Path, arch: Cohere2Arch) -> None:
-    vocab = read_vocab(folder, arch.vocab_size)
+def add_tokenizer(writer: gguf.GGUFWriter, folder: Path, dims: Cohere2Dims) -> None:
+    vocab = read_vocab(folder, dims.vocab)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(PRE_TOKENIZER)
     writer.add_token_list(vocab.tokens)
@@ -180,12 +141,12 @@ def convert(source: str, output: str | Path | None = None, *, outtype: str = "f1
     out = Path(output) if output else default_output(source, outtype)
     check_output_path(out, force=force)
     folder = resolve_checkpoint(source, revision=revision)
-    arch = read_arch(folder)
-    plan = plan_tensors(arch, tensor_refs(folder), outtype)
+    dims = read_dims(folder)
+    plan = plan_tensors(dims, tensor_refs(folder), outtype)
     with atomic_output(out, force=force) as tmp:
         writer = gguf.GGUFWriter(tmp, ARCH)
-        add_metadata(writer, arch, outtype, Path(source.rstrip("/")).name, source)
-        add_tokenizer(writer, folder, arch)
+        add_metadata(writer, dims, outtype, Path(source.rstrip("/")).name, source)
+        add_tokenizer(writer, folder, dims)
         for item in plan:
             nbytes = int(np.prod(item.ref.shape)) * (4 if item.qtype == gguf.GGMLQuantizationType.F32 else 2)
             writer.add_tensor_info(item.name, item.ref.shape, _np_dtype(item.qtype), nbytes,

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from r7b.cohere2 import Cohere2Dims, n_global_layers
+from r7b.errors import R7BError
 
 KV_PAD = 256  # llama.cpp pads context and cache sizes to this many cells
 MIB = 1024**2
@@ -51,81 +53,6 @@ def pad(n: int, multiple: int = KV_PAD) -> int:
     return -(-n // multiple) * multiple
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """The sizes that decide a Cohere2 model's memory; tensor shapes derive from them."""
-
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    hidden: int
-    ffn: int
-    vocab: int
-    sliding_window: int
-    context_length: int
-    swa_pattern: int = 4
-    name: str = "cohere2"
-
-    def weights(self) -> Iterator[tuple[str, tuple[int, ...]]]:
-        """GGUF tensor names and ggml shapes, in file order (tied embeddings: no output.weight)."""
-        h, q, kv = self.hidden, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        yield "token_embd.weight", (h, self.vocab)
-        for i in range(self.n_layers):
-            yield f"blk.{i}.attn_norm.weight", (h,)
-            yield f"blk.{i}.attn_q.weight", (h, q)
-            yield f"blk.{i}.attn_k.weight", (h, kv)
-            yield f"blk.{i}.attn_v.weight", (h, kv)
-            yield f"blk.{i}.attn_output.weight", (q, h)
-            yield f"blk.{i}.ffn_gate.weight", (h, self.ffn)
-            yield f"blk.{i}.ffn_up.weight", (h, self.ffn)
-            yield f"blk.{i}.ffn_down.weight", (self.ffn, h)
-        yield "output_norm.weight", (h,)
-
-    @property
-    def n_params(self) -> int:
-        total = 0
-        for _, shape in self.weights():
-            n = 1
-            for d in shape:
-                n *= d
-            total += n
-        return total
-
-    @classmethod
-    def from_metadata(cls, meta: Mapping[str, Any], name: str | None = None) -> "ModelShape":
-        """Read the sizes from GGUF metadata (`cohere2.*` keys); `tokenizer.ggml.tokens` may be a count."""
-        arch = str(meta.get("general.architecture", "cohere2"))
-
-        def get(key: str, default: Any = None) -> int:
-            value = meta.get(f"{arch}.{key}", default)
-            if value is None:
-                raise ValueError(f"GGUF metadata lacks {arch}.{key}")
-            return int(value)
-
-        tokens = meta.get("tokenizer.ggml.tokens")
-        n_tokens = len(tokens) if isinstance(tokens, (list, tuple)) else tokens
-        n_heads, hidden = get("attention.head_count"), get("embedding_length")
-        return cls(
-            n_layers=get("block_count"), n_heads=n_heads, n_kv_heads=get("attention.head_count_kv", n_heads),
-            head_dim=get("attention.key_length", hidden // n_heads), hidden=hidden,
-            ffn=get("feed_forward_length"), vocab=get("vocab_size", n_tokens),
-            sliding_window=get("attention.sliding_window", 0), context_length=get("context_length"),
-            name=name or str(meta.get("general.name") or arch),
-        )
-
-
-COMMAND_R7B = ModelShape(n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden=4096, ffn=14336,
-                         vocab=256000, sliding_window=4096, context_length=131072, name="Command R7B")
-
-
-def n_global_layers(n_layers: int, swa_pattern: int) -> int:
-    """Layers that attend to the whole context: llama.cpp makes layer i sliding unless i % p == p - 1."""
-    if swa_pattern <= 0:
-        return n_layers
-    return sum(1 for i in range(n_layers) if i % swa_pattern == swa_pattern - 1)
-
-
 def kv_cells(n_ctx: int, sliding_window: int, *, swa_full: bool = False, n_ubatch: int = 512) -> tuple[int, int]:
     """(global, sliding) cache cells per sequence, as llama.cpp sizes them."""
     cells = pad(n_ctx)
@@ -143,7 +70,7 @@ def kv_cache_bytes(n_layers: int, n_kv_heads: int, head_dim: int, n_ctx: int, sl
     return per_cell * (n_global * global_cells + (n_layers - n_global) * swa_cells)
 
 
-def compute_buffer_bytes(shape: ModelShape, n_ubatch: int = 512) -> int:
+def compute_buffer_bytes(shape: Cohere2Dims, n_ubatch: int = 512) -> int:
     """Scratch for one micro-batch: logits for every token dominate, then the FFN activations."""
     return 4 * n_ubatch * (shape.vocab + 2 * shape.ffn + 4 * shape.hidden)
 
@@ -160,7 +87,7 @@ class RamEstimate:
         return self.weights + self.kv_cache + self.compute + self.overhead
 
 
-def estimate_ram(weight_bytes: int, shape: ModelShape, n_ctx: int, *, kv_type: str = "f16",
+def estimate_ram(weight_bytes: int, shape: Cohere2Dims, n_ctx: int, *, kv_type: str = "f16",
                  swa_full: bool = False, n_ubatch: int = 512, overhead: int = RUNTIME_OVERHEAD) -> RamEstimate:
     """Resident memory to run a model on CPU: the mmapped weights are all touched, so they count in full."""
     kv = kv_cache_bytes(shape.n_layers, shape.n_kv_heads, shape.head_dim, n_ctx, shape.sliding_window,
@@ -219,9 +146,7 @@ def _inactive_file(stat: Path) -> int:
 
 def check_fits(summary, *, n_ctx: int, kv_type: str = "f16", swa_full: bool = False) -> RamEstimate:
     """Refuse, before llama.cpp allocates, a model whose weights plus KV cache exceed available memory."""
-    from r7b.errors import R7BError
-
-    shape = ModelShape.from_metadata(summary.metadata)
+    shape = Cohere2Dims.from_gguf_metadata(summary.metadata)
     weights = sum(t.nbytes for t in summary.tensors)
     need = estimate_ram(weights, shape, n_ctx, kv_type=kv_type, swa_full=swa_full)
     available = available_memory()

@@ -18,8 +18,8 @@ tokens, so every run produces exactly the tokens asked for.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import functools
+import math
 import json
 import multiprocessing as mp
 import os
@@ -33,7 +33,12 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from r7b.errors import R7BError
 
-from .memory import MIB, ModelShape, n_global_layers, pad, tensor_bytes
+from r7b.cohere2 import Cohere2Dims, n_global_layers
+from r7b.gguf_reader import read_gguf
+from r7b.gguf_validate import validate_gguf
+from r7b.llama import LlamaLog, LlamaModel, default_threads
+from r7b.memory import MIB, pad, tensor_bytes
+from r7b.quality.results import type_label
 
 Clock = Callable[[], float]
 TIMED = ("pp_tps", "tg_tps", "ttft_s")
@@ -131,7 +136,7 @@ def weight_bytes_per_token(tensor_sizes: Mapping[str, int]) -> int:
     return sum(sizes.values())
 
 
-def kv_bytes_read(shape: ModelShape, depth: int, kv_type: str = "f16") -> int:
+def kv_bytes_read(shape: Cohere2Dims, depth: int, kv_type: str = "f16") -> int:
     """K and V bytes attention reads for one new token at `depth`: sliding layers see at most the window."""
     n_global = n_global_layers(shape.n_layers, shape.swa_pattern) if shape.sliding_window else shape.n_layers
     window = min(depth, shape.sliding_window) if shape.sliding_window else depth
@@ -177,14 +182,9 @@ def memory_bandwidth(threads: int, size: int = 1 << 30, repeat: int = 5) -> dict
     return {"threads": threads, "bytes": size, "read_gbs": size / read / 1e9, "copy_gbs": 2 * size / copy / 1e9}
 
 
-def model_shape(path: str | Path) -> ModelShape:
+def model_shape(path: str | Path) -> Cohere2Dims:
     """The sizes of a cohere2 GGUF, from its header."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith(("cohere2.", "general."))}
-    meta["tokenizer.ggml.tokens"] = len(reader.fields["tokenizer.ggml.tokens"].data)
-    return ModelShape.from_metadata(meta, name=Path(path).name)
+    return Cohere2Dims.from_gguf_metadata(read_gguf(path).metadata, name=Path(path).name)
 
 
 @dataclass(frozen=True)
@@ -198,14 +198,11 @@ class ModelInfo:
 
 def model_info(path: str | Path, depth: int) -> ModelInfo:
     """Sizes from the GGUF header: what one decode step reads at `depth`."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
-    shape = model_shape(path)
-    ftype = gguf.LlamaFileType(int(reader.fields["general.file_type"].contents())).name.removeprefix("MOSTLY_")
-    return ModelInfo(str(path), f"{shape.n_layers}L {shape.hidden}h {ftype}", sum(sizes.values()),
-                     sum(int(t.n_elements) for t in reader.tensors),
+    gf = read_gguf(path)
+    sizes = {t.name: t.nbytes for t in gf.tensors}
+    shape = Cohere2Dims.from_gguf_metadata(gf.metadata, name=Path(path).name)
+    return ModelInfo(str(path), f"{shape.n_layers}L {shape.hidden}h {type_label(gf.metadata)}", sum(sizes.values()),
+                     sum(math.prod(t.shape) for t in gf.tensors),
                      weight_bytes_per_token(sizes) + kv_bytes_read(shape, depth))
 
 
@@ -266,21 +263,9 @@ def wait_for_quiet(timeout_s: float = 10.0, window_s: float = 0.5) -> bool:
 @contextmanager
 def llama_log() -> Iterator[list[str]]:
     """Collect llama.cpp's log lines instead of printing them."""
-    import llama_cpp
-
-    lines: list[str] = []
-    saved_cb, saved_ud = llama_cpp.llama_log_callback(), ctypes.c_void_p()
-    llama_cpp.llama_log_get(ctypes.byref(saved_cb), ctypes.byref(saved_ud))
-
-    def keep(_level: int, text: bytes | None, _user: Any) -> None:
-        lines.append((text or b"").decode("utf-8", "replace"))
-
-    callback = llama_cpp.llama_log_callback(keep)
-    llama_cpp.llama_log_set(callback, None)
-    try:
-        yield lines
-    finally:
-        llama_cpp.llama_log_set(saved_cb, saved_ud)
+    with LlamaLog() as log:
+        log.keep_all = True
+        yield log.lines
 
 
 def kv_bytes_from_log(lines: Sequence[str]) -> int:
@@ -296,22 +281,10 @@ def random_prompt(path: str | Path, n: int, seed: int = SEED) -> list[int]:
     import llama_cpp
     import numpy as np
 
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = True
-    with llama_log():
-        llama_cpp.llama_backend_init()
-        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-    if not model:
-        raise R7BError(f"llama.cpp could not load {path}")
-    try:
-        vocab = llama_cpp.llama_model_get_vocab(model)
-        skip = (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNUSED
-                | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN)
-        ok = [t for t in range(llama_cpp.llama_vocab_n_tokens(vocab))
-              if not llama_cpp.llama_vocab_get_attr(vocab, t) & skip]
-        bos = llama_cpp.llama_vocab_bos(vocab)
-    finally:
-        llama_cpp.llama_model_free(model)
+    skip = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNUSED | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+    with LlamaModel(path, vocab_only=True) as model:
+        ok = [t for t in range(model.n_vocab) if not model.token_attr(t) & skip]
+        bos = model.bos
     rng = np.random.default_rng(seed)
     return [bos] + [int(t) for t in rng.choice(ok, size=n - 1)]
 
@@ -319,7 +292,7 @@ def random_prompt(path: str | Path, n: int, seed: int = SEED) -> list[int]:
 # -- the two sides -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Settings:
+class BenchSettings:
     """Context settings both sides share."""
 
     n_ctx: int
@@ -331,8 +304,8 @@ class Settings:
 class R7bLoop:
     """The project's per-token path: Engine.prefill, Engine.generate and TextStream."""
 
-    def __init__(self, path: str | Path, settings: Settings):
-        from .engine import Engine, EngineConfig, Sampling, TextStream
+    def __init__(self, path: str | Path, settings: BenchSettings):
+        from r7b.runtime.engine import Engine, EngineConfig, Sampling, TextStream
 
         self.engine = Engine(path, EngineConfig(n_ctx=settings.n_ctx, n_batch=settings.n_batch,
                                                 n_threads=settings.n_threads, kv_type="f16",
@@ -367,7 +340,7 @@ class ChatLoop:
     """
 
     def __init__(self, engine: Any):
-        from .model import Model
+        from r7b.runtime.model import Model
 
         self.model = Model(engine)
         self._content: dict[tuple[int, ...], str] = {}
@@ -390,7 +363,7 @@ class ChatLoop:
         return self._content[key]
 
     def run(self, tokens: Sequence[int], n_gen: int, clock: Clock) -> dict[str, float]:
-        from .model import Done
+        from r7b.runtime.model import Done
 
         content = self.content(tokens)
         self.model.engine.reset()
@@ -434,7 +407,7 @@ def token_clock(engine: Any, clock: Clock) -> Iterator[list[float]]:
 Call = Callable[[Sequence[int], int, Clock], dict]
 
 
-def _open(role: str, path: str, settings: Settings, chat: bool) -> tuple[dict[str, Call], list[Any], dict]:
+def _open(role: str, path: str, settings: BenchSettings, chat: bool) -> tuple[dict[str, Call], list[Any], dict]:
     """What a worker runs: measurement calls by name, objects to close, and facts for the parent.
 
     Role "speed" loads the model once, for the engine, and builds the raw loop's context on those
@@ -454,7 +427,7 @@ def _open(role: str, path: str, settings: Settings, chat: bool) -> tuple[dict[st
     closers = [loop]
     calls[role if role != "speed" else "r7b"] = functools.partial(run_once, loop)
     if role == "speed":
-        raw = RawLoop(loop.engine._model, **ctx)  # the engine's weights, a context of its own
+        raw = RawLoop(loop.engine.model.ptr, **ctx)  # the engine's weights, a context of its own
         closers.insert(0, raw)
         calls["raw"] = functools.partial(run_once, raw)
         if chat:
@@ -465,8 +438,8 @@ def _open(role: str, path: str, settings: Settings, chat: bool) -> tuple[dict[st
     return calls, closers, info
 
 
-def _serve(conn: Any, role: str, path: str, settings: Settings, chat: bool) -> None:
-    """Worker process: load once, then answer run requests until told to stop."""
+def _serve(conn: Any, role: str, path: str, settings: BenchSettings, chat: bool) -> None:
+    """Benchmark process: load once, then answer run requests until told to stop."""
     clock = time.perf_counter
     try:
         with llama_log() as lines:
@@ -487,10 +460,10 @@ def _serve(conn: Any, role: str, path: str, settings: Settings, chat: bool) -> N
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
-class Worker:
+class BenchProcess:
     """A benchmark process (see `_open` for the roles)."""
 
-    def __init__(self, role: str, path: str | Path, settings: Settings, chat: bool = False):
+    def __init__(self, role: str, path: str | Path, settings: BenchSettings, chat: bool = False):
         ctx = mp.get_context("spawn")
         self.role = role
         self.conn, child = ctx.Pipe()
@@ -522,7 +495,7 @@ class Worker:
         if self.proc.is_alive():
             self.proc.kill()
 
-    def __enter__(self) -> "Worker":
+    def __enter__(self) -> "BenchProcess":
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -558,20 +531,16 @@ def compare(path: str | Path, *, prompt_tokens: int = 512, gen_tokens: int = 128
             threads: int | None = None, chat: bool = True, swa_full: bool = False,
             seed: int = SEED) -> BenchResult:
     """Speed of r7b and raw in turns on the same prompt, weights and context settings; then each one's memory."""
-    from .engine import default_threads
-
     if prompt_tokens < 2 or gen_tokens < 1 or repeat < 1:
         raise R7BError("need --prompt-tokens >= 2, --gen-tokens >= 1 and --repeat >= 1")
     if not Path(path).is_file():
         raise R7BError(f"no such model file: {path}")
-    from r7b.convert.validate import validate_gguf
-
     validate_gguf(path, arch=None)  # before llama.cpp parses it
-    settings = Settings(n_ctx=pad(prompt_tokens + gen_tokens), n_threads=threads or default_threads(),
+    settings = BenchSettings(n_ctx=pad(prompt_tokens + gen_tokens), n_threads=threads or default_threads(),
                         swa_full=swa_full)
     tokens = random_prompt(path, prompt_tokens, seed)
     runs: dict[str, list[dict[str, float]]] = {"r7b": [], "raw": [], "chat": []}
-    with Worker("speed", path, settings, chat) as worker:
+    with BenchProcess("speed", path, settings, chat) as worker:
         with_chat = chat and not worker.info["no_chat"]
         sides = [side for side in runs if side != "chat" or with_chat]
         for side in sides:
@@ -589,7 +558,7 @@ def compare(path: str | Path, *, prompt_tokens: int = 512, gen_tokens: int = 128
                        figures["r7b"], figures["raw"], ratio, _chat_figures(runs["chat"]), worker.info["no_chat"])
 
 
-def _take_turns(worker: Worker, sides: list[str], tokens: Sequence[int], n_gen: int, repeat: int,
+def _take_turns(worker: BenchProcess, sides: list[str], tokens: Sequence[int], n_gen: int, repeat: int,
                 runs: dict[str, list[dict[str, float]]]) -> int:
     """`repeat` rounds of one run per side, in alternating order (ABBA: no side always goes first), each
     started when the machine is quiet; a round that other processes disturbed is run again, at most
@@ -608,10 +577,10 @@ def _take_turns(worker: Worker, sides: list[str], tokens: Sequence[int], n_gen: 
     return redone
 
 
-def memory(path: str | Path, side: str, settings: Settings, tokens: Sequence[int],
+def memory(path: str | Path, side: str, settings: BenchSettings, tokens: Sequence[int],
            repeat: int) -> tuple[list[float], int]:
     """Peak RSS of runs (the prompt, then a few tokens) in a process holding only `side`, and its KV bytes."""
-    with Worker(side, path, settings) as worker:
+    with BenchProcess(side, path, settings) as worker:
         worker.run(side, tokens[:WARMUP[0]], WARMUP[1])
         peaks = [worker.run(side, tokens, MEM_GEN)["peak_rss_bytes"] for _ in range(repeat)]
     return peaks, worker.info["kv_bytes"]

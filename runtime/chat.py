@@ -11,30 +11,23 @@ from typing import Any
 
 from r7b.errors import R7BError
 
+from .model import ChatSession, Done, Model
+from .options import add_model_options, load_kwargs
+from .parse import TextDelta, ThinkingDelta, ToolCallEvent
+
 HELP = "commands: /reset  /save FILE  /load FILE  /exit  (Ctrl-D exits)"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL.gguf")
+    add_model_options(p)
     p.add_argument("--system", help="system message (a developer preamble)")
     p.add_argument("--mode", choices=["conversational", "instruct"], help="use one of Cohere's preambles")
     p.add_argument("--tools", metavar="FILE", help="JSON list of OpenAI-style tools")
     p.add_argument("--documents", metavar="FILE", help="JSON list of documents for grounded answers")
-    p.add_argument("--threads", type=int, help="CPU threads (default: cores, up to 8)")
-    p.add_argument("--gpu-layers", type=int, default=0, help="layers to offload (-1: all, on Metal/CUDA builds)")
-    p.add_argument("--ctx", type=int, default=8192, help="context size in tokens (default 8192)")
-    p.add_argument("--kv-type", default="f16", help="KV cache type: f16, q8_0, q4_0 ... (default f16)")
-    add_chat_template_arg(p)
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.3)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
-
-
-def add_chat_template_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--chat-template", choices=("builtin", "gguf"), default="builtin",
-                   help="prompt format: r7b-edge's Command R7B templates (default), or the GGUF's own "
-                        "(rendered sandboxed, for fine-tunes that changed them)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -62,10 +55,7 @@ def _read_json_list(path: str | None, what: str) -> list | None:
 
 
 def _load(args: argparse.Namespace):
-    from .model import ChatSession, Model
-
-    model = Model.load(args.model, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
-                       kv_type=args.kv_type, chat_template=args.chat_template)
+    model = Model.load(args.model, **load_kwargs(args))
     return ChatSession(model, system=args.system, tools=_read_json_list(args.tools, "tools"),
                        documents=_read_json_list(args.documents, "documents"), mode=args.mode,
                        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
@@ -93,9 +83,6 @@ class _Style:
 
 
 def _print_stream(events, style: _Style):
-    from .model import Done
-    from .parse import TextDelta, ThinkingDelta, ToolCallEvent
-
     out = sys.stdout
     in_thinking = False
     for event in events:
