@@ -4,6 +4,10 @@ llama.cpp re-implements the tokenizer from three arrays (tokens, token types, me
 pre-tokenizer name; for Command-R that name is `command-r` (single digits, then GPT-2's regex).
 Added tokens marked special become CONTROL tokens, which llama.cpp only produces from text when
 asked to parse special tokens; that is what keeps user text from turning into control tokens.
+Command-R's tokenizer marks its chat tokens (`<|START_OF_TURN_TOKEN|>` ...) *not* special, and
+llama.cpp matches the other added tokens (USER_DEFINED) inside any text, special parsing or not;
+so every added token shaped like a chat-control token is CONTROL whatever its `special` flag says,
+as llama.cpp's own converter does (`does_token_look_special`).
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ from pathlib import Path
 
 from gguf import TokenType
 
+from r7b.cohere2 import is_chat_control
 from r7b.errors import R7BError
 
-PRE_TOKENIZER = "command-r"
 
 
 @dataclass
@@ -63,7 +67,8 @@ def read_vocab(folder: Path, vocab_size: int) -> Vocab:
         raise R7BError(f"tokenizer.json model is {model.get('type')!r}; Command R7B uses byte-level BPE")
     by_id: dict[int, tuple[str, int]] = {i: (t, TokenType.NORMAL) for t, i in model["vocab"].items()}
     for added in tok.get("added_tokens", []):
-        kind = TokenType.CONTROL if added.get("special") else TokenType.USER_DEFINED
+        control = added.get("special") or is_chat_control(added["content"])
+        kind = TokenType.CONTROL if control else TokenType.USER_DEFINED
         by_id[added["id"]] = (added["content"], kind)
     if max(by_id) >= vocab_size:
         raise R7BError(f"tokenizer has id {max(by_id)} but the model's vocab_size is {vocab_size}")

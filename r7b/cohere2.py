@@ -26,6 +26,8 @@ START_RESPONSE, END_RESPONSE = "<|START_RESPONSE|>", "<|END_RESPONSE|>"
 START_TOOL_RESULT, END_TOOL_RESULT = "<|START_TOOL_RESULT|>", "<|END_TOOL_RESULT|>"
 USER_TOKEN, CHATBOT_TOKEN, SYSTEM_TOKEN = "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>"
 STOP_TEXTS = (END_OF_TURN, END_RESPONSE)  # a turn's answer is over at either
+# Command-R's control tokens that are not written `<|...|>` (ids 0-7 of its vocabulary).
+PLAIN_CONTROL_TEXTS = ("<PAD>", "<UNK>", "<CLS>", "<SEP>", "<MASK_TOKEN>", BOS_TOKEN, "<EOS_TOKEN>", "<EOP_TOKEN>")
 
 
 def is_chat_control(text: str) -> bool:

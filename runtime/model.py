@@ -24,7 +24,7 @@ from r7b.templates import gguf_templates
 from .engine import Engine, EngineConfig, Sampling, TextStream
 from .parse import ParsedOutput, StreamParser, to_assistant_message
 from .prompt import render_prompt
-from .protect import Protector, tokenize_rendered
+from .protect import Protector, check_vocab
 from .request import ChatRequest, PreparedPrompt, prepare
 
 CHAT_TEMPLATES = ("builtin", "gguf")
@@ -101,6 +101,7 @@ class Model:
         self.engine = engine
         self.path = engine.path
         self.template_sources = template_sources
+        check_vocab(engine.n_vocab, engine.model.token_attr, engine.model.token_text, str(engine.path))
         control = engine.control_tokens()
         self.protector = Protector(control)
         self._stop_ids = frozenset(control[t] for t in STOP_TEXTS if t in control)
@@ -129,7 +130,12 @@ class Model:
             raise R7BError(f"n_ctx must be at least 256 tokens, got {n_ctx}")
         config = EngineConfig(n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                               kv_type=kv_type, swa_full=swa_full, flash_attn=flash_attn, verbose=verbose)
-        return cls(Engine(path, config), sources)
+        engine = Engine(path, config)
+        try:
+            return cls(engine, sources)
+        except BaseException:
+            engine.close()
+            raise
 
     def close(self) -> None:
         self.engine.close()
@@ -151,7 +157,7 @@ class Model:
                              **options)
 
     def tokenize_prompt(self, rendered: str) -> list[int]:
-        return tokenize_rendered(rendered, lambda text, special: self.engine.tokenize(text, special=special))
+        return self.protector.tokenize(rendered, lambda text, special: self.engine.tokenize(text, special=special))
 
     # -- chat --------------------------------------------------------------------------------
 
