@@ -31,7 +31,7 @@ $(VENV)/.dev: pyproject.toml $(VENV)/.core
 install: $(VENV)/.core
 dev: $(VENV)/.dev
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev peers
 	$(BIN)/python -m pytest -q
 
 demo: $(VENV)/.core
@@ -45,6 +45,9 @@ quality: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(BIN)/python scripts/bench_report.py
+	mkdir -p $(R7B_CACHE)/bench
+	$(BIN)/r7b convert tests/fixtures/tiny-r7b -o $(R7B_CACHE)/bench/tiny-r7b-F16.gguf --force -q
+	$(BIN)/python scripts/rpc_bench.py $(R7B_CACHE)/bench/tiny-r7b-F16.gguf
 
 # llama.cpp's own tools (llama-bench, llama-server, ...) as a yardstick, built from the same
 # llama-cpp-python sdist into $(R7B_CACHE)/peers/<version>/bin, once per version (scripts/peers.sh).

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from r7b.cohere2 import ARCH, PRE_TOKENIZER, Cohere2Dims, gguf_name
 from r7b.errors import R7BError
-from r7b.fsutil import atomic_output, check_output_path
+from r7b.fsutil import atomic_output, check_free_space, check_output_path
 
 from .checkpoint import TensorRef, bf16_to_f32, f32_to_bf16, read_dims, read_tensor, tensor_refs
 from .hub import is_hub_id, resolve_checkpoint
@@ -143,13 +143,13 @@ def convert(source: str, output: str | Path | None = None, *, outtype: str = "f1
     folder = resolve_checkpoint(source, revision=revision)
     dims = read_dims(folder)
     plan = plan_tensors(dims, tensor_refs(folder), outtype)
+    check_free_space(out, estimate_bytes(plan, folder), f"the {outtype.upper()} GGUF")
     with atomic_output(out, force=force) as tmp:
         writer = gguf.GGUFWriter(tmp, ARCH)
         add_metadata(writer, dims, outtype, Path(source.rstrip("/")).name, source)
         add_tokenizer(writer, folder, dims)
         for item in plan:
-            nbytes = int(np.prod(item.ref.shape)) * (4 if item.qtype == gguf.GGMLQuantizationType.F32 else 2)
-            writer.add_tensor_info(item.name, item.ref.shape, _np_dtype(item.qtype), nbytes,
+            writer.add_tensor_info(item.name, item.ref.shape, _np_dtype(item.qtype), _out_bytes(item),
                                    raw_dtype=item.qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -162,6 +162,20 @@ def convert(source: str, output: str | Path | None = None, *, outtype: str = "f1
                 bar.update(item.ref.nbytes)
         writer.close()
     return out
+
+
+def _out_bytes(item: PlannedTensor) -> int:
+    return int(np.prod(item.ref.shape)) * (4 if item.qtype == gguf.GGMLQuantizationType.F32 else 2)
+
+
+def estimate_bytes(plan: list[PlannedTensor], folder: Path) -> int:
+    """About how big the GGUF will be: the tensors (aligned) and their descriptions, plus metadata,
+    for which the tokenizer files' size stands in (the vocabulary and merges are most of it)."""
+    align = gguf.GGUF_DEFAULT_ALIGNMENT
+    tensors = sum(-(-_out_bytes(item) // align) * align + len(item.name) + 48 for item in plan)
+    tokenizer = sum(f.stat().st_size for f in folder.glob("tokenizer*") if f.is_file())
+    templates = sum(len(t["template"].encode()) for t in chat_templates(folder))
+    return tensors + tokenizer + templates + 64 * 1024
 
 
 def _np_dtype(qtype: gguf.GGMLQuantizationType):

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from r7b.errors import R7BError
-from r7b.fsutil import atomic_output, check_output_path
+from r7b.fsutil import atomic_output, check_free_space, check_output_path
 from r7b.gguf_validate import validate_gguf
 from r7b.llama import Batch, LlamaModel, free_context
 
@@ -214,6 +214,7 @@ def imatrix(model: str | Path, text_file: str | Path, output: str | Path, *, ctx
         text = text_path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise R7BError(f"cannot read calibration text {text_path}: {exc}") from None
+    check_free_space(out, imatrix_bytes(model, str(text_path)), "the importance matrix")
     imx = collect_imatrix(model, text, ctx=ctx, chunks=chunks, threads=threads, progress=progress,
                           dataset=str(text_path))
     if not imx.sums:
@@ -221,6 +222,14 @@ def imatrix(model: str | Path, text_file: str | Path, output: str | Path, *, ctx
     with atomic_output(out, force=force) as tmp:
         write_imatrix(imx, tmp)
     return out
+
+
+def imatrix_bytes(model: str | Path, dataset: str = "") -> int:
+    """About how big the importance matrix of `model` will be: one float per input column of each
+    weight matrix, a count, and their names (small: a few MiB for Command R7B)."""
+    matrices = [t for t in validate_gguf(model).tensors if len(t.shape) == 2]
+    per_tensor = sum(-(-t.shape[0] * 4 // 32) * 32 + 32 + 2 * (len(t.name) + 64) for t in matrices)
+    return per_tensor + len(dataset.encode()) + 4096
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

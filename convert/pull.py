@@ -9,15 +9,19 @@ types and the quantized file's metadata names it.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import tempfile
 from pathlib import Path
 
+from r7b.cohere2 import COMMAND_R7B, Cohere2Dims
 from r7b.errors import R7BError
-from r7b.fsutil import check_output_path
+from r7b.fsutil import check_free_space, check_output_path, format_size, same_file_system
 
+from .checkpoint import read_dims
 from .convert import convert
+from .hub import CHECKPOINT_FILES
 from .imatrix import imatrix
-from .quantize import quant_type, quantize
+from .quantize import R7B_METADATA_BYTES, QuantType, planned_model_bytes, quant_type, quantize
 
 
 def pull(hub_id: str, quant: str = "Q4_K_M", *, output_dir: str | Path | None = None,
@@ -32,12 +36,62 @@ def pull(hub_id: str, quant: str = "Q4_K_M", *, output_dir: str | Path | None = 
     imx = check_output_path(out_dir / f"{name}-imatrix.gguf", force=force) if imatrix_text else None
     if imatrix_text and not Path(imatrix_text).is_file():
         raise R7BError(f"calibration text not found: {imatrix_text}")
+    check_disk(hub_id, qt, out_dir, revision=revision)
     with tempfile.TemporaryDirectory(prefix=".r7b-pull-", dir=out_dir) as work:
         f16 = convert(hub_id, f16 or Path(work) / f"{name}-F16.gguf", outtype="f16", force=force,
                       progress=progress, revision=revision)
         if imx is not None:
             imatrix(f16, imatrix_text, imx, threads=threads, force=force, progress=progress)
         return quantize(f16, final, qt.name, imatrix=imx, threads=threads, force=force, progress=progress)
+
+
+def check_disk(hub_id: str, qt: QuantType, out_dir: Path, *, revision: str | None = None) -> None:
+    """Refuse up front when the download (into the hub cache), the F16 intermediate and the
+    quantized file cannot all fit; sizes that cannot be known yet (offline, say) are left to
+    `convert` and `quantize`, which check again before they write."""
+    dims = _hub_dims(hub_id, revision)
+    if dims is None:
+        return
+    meta = R7B_METADATA_BYTES * dims.vocab // COMMAND_R7B.vocab + 64 * 1024
+    f16, quantized = planned_model_bytes(dims, None, meta), planned_model_bytes(dims, qt, meta)
+    parts = [f"F16 intermediate {format_size(f16)}", f"{qt.name} file {format_size(quantized)}"]
+    download = _download_bytes(hub_id, revision)
+    from huggingface_hub import constants
+
+    cache = Path(constants.HF_HUB_CACHE)
+    if download and not same_file_system(cache, out_dir):
+        check_free_space(cache, download, f"downloading {hub_id}")
+        download = 0
+    if download:
+        parts.insert(0, f"download {format_size(download)}")
+    check_free_space(out_dir, f16 + quantized + download, f"pulling {hub_id} ({' + '.join(parts)})")
+
+
+def _hub_dims(hub_id: str, revision: str | None) -> Cohere2Dims | None:
+    """The model's sizes from its config.json (a small download, or the cache); None if not to be had."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return read_dims(Path(hf_hub_download(hub_id, "config.json", revision=revision)).parent)
+    except Exception:  # noqa: BLE001 -- offline, unknown id, ...: convert reports it properly
+        return None
+
+
+def _download_bytes(hub_id: str, revision: str | None) -> int:
+    """Bytes still to download: 0 when the snapshot is cached or the hub cannot say."""
+    try:
+        from huggingface_hub import HfApi, snapshot_download
+
+        try:
+            snapshot_download(hub_id, revision=revision, allow_patterns=CHECKPOINT_FILES, local_files_only=True)
+            return 0
+        except Exception:  # noqa: BLE001 -- not (completely) cached
+            pass
+        info = HfApi().model_info(hub_id, revision=revision, files_metadata=True)
+        return sum(f.size or 0 for f in info.siblings or ()
+                   if any(fnmatch.fnmatch(f.rfilename, p) for p in CHECKPOINT_FILES))
+    except Exception:  # noqa: BLE001 -- offline: unknown
+        return 0
 
 
 def _output_dir(path: str | Path | None) -> Path:

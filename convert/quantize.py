@@ -47,7 +47,7 @@ import numpy as np
 
 from r7b.cohere2 import ARCH, COMMAND_R7B, Cohere2Dims
 from r7b.errors import R7BError
-from r7b.fsutil import atomic_output, check_output_path
+from r7b.fsutil import atomic_output, check_free_space, check_output_path
 from r7b.gguf_reader import GGUFError, GGUFFile, TensorRecord
 from r7b.gguf_validate import validate_gguf
 from r7b.llama import LlamaLog
@@ -409,10 +409,24 @@ def quantize(src: str | Path, dst: str | Path, qtype: str, *, imatrix: str | Pat
         print(f"note: {qt.name} without an importance matrix; one usually lowers the loss (see `r7b imatrix`)",
               file=sys.stderr)
     recipe = qt.overrides(model_dims(model).n_layers)
-    cparams = _c_params(qt, threads, allow_requantize, [*tt, *recipe], embd, imx, _metadata(qt, imx))
+    kv = _metadata(qt, imx)
+    check_free_space(out, output_bytes(model, qt, overrides=tt, token_embedding_type=embd,
+                                       has_imatrix=imx is not None, extra_metadata=kv), f"the {qt.name} GGUF")
+    cparams = _c_params(qt, threads, allow_requantize, [*tt, *recipe], embd, imx, kv)
     with atomic_output(out, force=force) as tmp, LlamaLog(progress, f"quantize {qt.name}") as log:
         _run(model.path, tmp, cparams, log)
     return out
+
+
+def output_bytes(model: GGUFFile, qt: QuantType, *, overrides: Iterable[tuple[str, GT]] = (),
+                 token_embedding_type: GT | None = None, has_imatrix: bool = False,
+                 extra_metadata: Mapping[str, str | int] | None = None) -> int:
+    """About how big `model` quantized as `qt` will be (for the free-space check)."""
+    dims = model_dims(model)
+    plan = plan_types(model.tensors, qt, n_layers=dims.n_layers, n_gqa=dims.n_heads / dims.n_kv_heads,
+                      overrides=overrides, token_embedding_type=token_embedding_type, has_imatrix=has_imatrix)
+    extra = sum(len(str(k)) + len(str(v)) + 16 for k, v in (extra_metadata or {}).items())
+    return planned_bytes(model.tensors, plan, model.data_offset + extra + 4096)
 
 
 def _run(src: Path, tmp: Path, cparams: _CParams, log: LlamaLog) -> None:
@@ -454,6 +468,16 @@ def estimate_types(path: str | Path | None = None, contexts: Iterable[int] = LIS
                for n in contexts}
         rows.append(TypeEstimate(qt.name, 8 * weights / n_params, size, ram))
     return shape, rows
+
+
+def planned_model_bytes(shape: Cohere2Dims, qt: QuantType | None, metadata_bytes: int = R7B_METADATA_BYTES) -> int:
+    """About how big a model of `shape` is as `qt` (None: F16, norms F32), without a file."""
+    tensors = [_planned(n, s) for n, s in shape.weights()]
+    if qt is None:
+        plan = {t.name: GT.F32 if len(t.shape) == 1 else GT.F16 for t in tensors}
+    else:
+        plan = plan_types(tensors, qt, n_layers=shape.n_layers, n_gqa=shape.n_heads / shape.n_kv_heads)
+    return planned_bytes(tensors, plan, metadata_bytes)
 
 
 def _planned(name: str, shape: tuple[int, ...]) -> TensorRecord:

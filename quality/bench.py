@@ -39,6 +39,7 @@ from r7b.gguf_validate import validate_gguf
 from r7b.llama import LlamaLog, LlamaModel, default_threads
 from r7b.memory import MIB, pad, tensor_bytes
 from r7b.quality.results import type_label
+from r7b.runtime.options import add_rpc_options, rpc_kwargs
 
 Clock = Callable[[], float]
 TIMED = ("pp_tps", "tg_tps", "ttft_s")
@@ -299,6 +300,8 @@ class BenchSettings:
     n_threads: int
     n_batch: int = N_BATCH
     swa_full: bool = False
+    rpc: tuple[str, ...] = ()  # RPC workers sharing the layers (r7b.rpc); both sides use the same split
+    tensor_split: tuple[float, ...] | None = None
 
 
 class R7bLoop:
@@ -309,7 +312,8 @@ class R7bLoop:
 
         self.engine = Engine(path, EngineConfig(n_ctx=settings.n_ctx, n_batch=settings.n_batch,
                                                 n_threads=settings.n_threads, kv_type="f16",
-                                                swa_full=settings.swa_full))
+                                                swa_full=settings.swa_full, rpc=settings.rpc,
+                                                tensor_split=settings.tensor_split))
         self.greedy = Sampling(temperature=0.0)
         self.text_stream = TextStream
 
@@ -422,7 +426,14 @@ def _open(role: str, path: str, settings: BenchSettings, chat: bool) -> tuple[di
     calls: dict[str, Call] = {}
     info: dict[str, Any] = {"no_chat": None}
     with llama_log() as lines:
-        loop = RawLoop.load(path, **ctx) if role == "raw" else R7bLoop(path, settings)
+        if role == "raw" and settings.rpc:  # the same split as the engine's, through the thin layer
+            from r7b import rpc
+
+            shared = LlamaModel(path, placement=rpc.plan(settings.rpc, model_shape(path).n_layers,
+                                                         settings.tensor_split))
+            loop = RawLoop(shared.ptr, owns_model=True, **ctx)
+        else:
+            loop = RawLoop.load(path, **ctx) if role == "raw" else R7bLoop(path, settings)
         info["kv_bytes"] = kv_bytes_from_log(lines)
     closers = [loop]
     calls[role if role != "speed" else "r7b"] = functools.partial(run_once, loop)
@@ -529,7 +540,8 @@ class BenchResult:
 
 def compare(path: str | Path, *, prompt_tokens: int = 512, gen_tokens: int = 128, repeat: int = 5,
             threads: int | None = None, chat: bool = True, swa_full: bool = False,
-            seed: int = SEED) -> BenchResult:
+            seed: int = SEED, rpc: Sequence[str] | None = None,
+            tensor_split: Sequence[float] | None = None) -> BenchResult:
     """Speed of r7b and raw in turns on the same prompt, weights and context settings; then each one's memory."""
     if prompt_tokens < 2 or gen_tokens < 1 or repeat < 1:
         raise R7BError("need --prompt-tokens >= 2, --gen-tokens >= 1 and --repeat >= 1")
@@ -537,7 +549,8 @@ def compare(path: str | Path, *, prompt_tokens: int = 512, gen_tokens: int = 128
         raise R7BError(f"no such model file: {path}")
     validate_gguf(path, arch=None)  # before llama.cpp parses it
     settings = BenchSettings(n_ctx=pad(prompt_tokens + gen_tokens), n_threads=threads or default_threads(),
-                        swa_full=swa_full)
+                             swa_full=swa_full, rpc=tuple(rpc or ()), tensor_split=tuple(tensor_split) if tensor_split
+                             else None)
     tokens = random_prompt(path, prompt_tokens, seed)
     runs: dict[str, list[dict[str, float]]] = {"r7b": [], "raw": [], "chat": []}
     with BenchProcess("speed", path, settings, chat) as worker:
@@ -553,7 +566,8 @@ def compare(path: str | Path, *, prompt_tokens: int = 512, gen_tokens: int = 128
     if runs["chat"]:
         ratio["chat_tg_tps"] = paired_ratios(runs["chat"], runs["raw"], ["tg_tps"])["tg_tps"]
     info = model_info(path, prompt_tokens + gen_tokens // 2)
-    return BenchResult(info, {**asdict(settings), "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
+    shown = {k: v for k, v in asdict(settings).items() if v or k not in ("rpc", "tensor_split")}  # only when used
+    return BenchResult(info, {**shown, "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
                               "repeat": repeat, "kv_type": "f16", "seed": seed, "redone": redone},
                        figures["r7b"], figures["raw"], ratio, _chat_figures(runs["chat"]), worker.info["no_chat"])
 
@@ -619,7 +633,8 @@ def format_table(result: BenchResult) -> str:
     head = (f"{Path(m.path).name}: {m.desc}, {m.size_bytes / MIB:.1f} MiB, {m.n_params / 1e6:.1f} M params; "
             f"{s['n_threads']} threads, n_ctx {s['n_ctx']}, KV f16, "
             f"{'full' if s['swa_full'] else 'small'} SWA cache, {s['repeat']} repeats (median (min–max))"
-            + (f"; {s['redone']} rounds run again because other processes were busy" if s.get("redone") else ""))
+            + (f"; {s['redone']} rounds run again because other processes were busy" if s.get("redone") else "")
+            + (f"; layers shared with RPC workers {','.join(s['rpc'])}" if s.get("rpc") else ""))
     lines = [head, "", "| test | r7b | raw llama.cpp | r7b/raw |", "| --- | ---: | ---: | ---: |"]
     for label, key, scale, digits in _rows(result):
         lines.append(f"| {label} | {fmt_spread(result.r7b[key], scale, digits)} | "
@@ -657,6 +672,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also measure the machine's memory bandwidth and how much of it decoding uses")
     p.add_argument("--seed", type=int, default=SEED, help="seed of the random prompt")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_rpc_options(p)
     p.set_defaults(func=_main)
 
 
@@ -664,7 +680,8 @@ def _main(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise R7BError("--threads must be at least 1")
     result = compare(args.model, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
-                     repeat=args.repeat, threads=args.threads, chat=not args.no_chat, seed=args.seed)
+                     repeat=args.repeat, threads=args.threads, chat=not args.no_chat, seed=args.seed,
+                     **rpc_kwargs(args))
     if args.bandwidth:
         result.bandwidth = memory_bandwidth(result.settings["n_threads"])
     print(json.dumps(result.to_json(), indent=2) if args.json else format_table(result))

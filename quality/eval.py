@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from r7b.errors import R7BError
 from r7b.fsutil import atomic_output, check_output_path
+from r7b.runtime.options import add_rpc_options, rpc_kwargs
 
 from .kld import TokenScores, log_normalizer, score_rows, summarize
 from .reference import ReferenceLogProbs, vocab_difference, vocab_digest
@@ -62,6 +63,8 @@ class EvalSettings:
     threads: int | None = None
     kv_type: str = "f32"
     progress: bool = False
+    rpc: tuple[str, ...] = ()  # RPC workers sharing the layers (see r7b.rpc)
+    tensor_split: tuple[float, ...] | None = None
 
     def check(self) -> None:
         if self.ctx is not None and self.ctx < MIN_CTX:
@@ -164,7 +167,7 @@ def _compute_store(path: Path, reference: Path, tokens: np.ndarray, ref_texts: l
     ctx = s.ctx or DEFAULT_CTX
     store = ReferenceLogProbs.create(path, tokens, ctx=ctx, n_vocab=len(ref_texts),
                                      vocab_sha256=vocab_digest(ref_texts), reference=reference.name)
-    with Scorer(reference, ctx=ctx, threads=s.threads, kv_type=s.kv_type) as llm:
+    with Scorer(reference, ctx=ctx, threads=s.threads, kv_type=s.kv_type, configure=_placement(reference, s)) as llm:
         compute_reference(llm, store, s)
     return store
 
@@ -197,13 +200,15 @@ def evaluate(reference: str | os.PathLike | None, models: Sequence[str | os.Path
              *, ctx: int | None = None, chunks: int | None = None, threads: int | None = None,
              kv_type: str = "f32", save_reference: str | os.PathLike | None = None,
              load_reference: str | os.PathLike | None = None, force: bool = False,
-             progress: bool = False) -> list[ModelQuality]:
+             progress: bool = False, rpc: Sequence[str] | None = None,
+             tensor_split: Sequence[float] | None = None) -> list[ModelQuality]:
     """Score each model against the reference on the same tokens (rules in the module docstring).
 
     `reference` may be None when `load_reference` names a file saved by an earlier run; `text`
     may be None then too (the saved token ids are used). `ctx` defaults to 512.
     """
-    s = EvalSettings(ctx, chunks, threads, kv_type, progress)
+    s = EvalSettings(ctx, chunks, threads, kv_type, progress, tuple(rpc or ()),
+                     tuple(tensor_split) if tensor_split else None)
     s.check()
     if reference is None and load_reference is None:
         raise R7BError("a reference model (or saved reference log-probs) is needed")
@@ -220,8 +225,20 @@ def evaluate(reference: str | os.PathLike | None, models: Sequence[str | os.Path
         return [_quality(info, store, n_chunks, s) for info in infos]
 
 
+def _placement(path: Path, s: EvalSettings):
+    """With RPC workers: the `llama_model_params` setter that shares `path`'s layers with them."""
+    if not s.rpc:
+        return None
+    from r7b import rpc
+    from r7b.gguf_reader import read_gguf
+
+    n_layers = int(read_gguf(path).metadata["cohere2.block_count"])
+    return rpc.plan(s.rpc, n_layers, s.tensor_split).configure
+
+
 def _quality(info: FileInfo, store: ReferenceLogProbs, n_chunks: int, s: EvalSettings) -> ModelQuality:
-    with Scorer(Path(info.model), ctx=store.ctx, threads=s.threads, kv_type=s.kv_type) as llm:
+    with Scorer(Path(info.model), ctx=store.ctx, threads=s.threads, kv_type=s.kv_type,
+                configure=_placement(Path(info.model), s)) as llm:
         scores = score_model(llm, store, n_chunks, s)
     return ModelQuality(**asdict(info), **summarize(scores), reference=store.header["reference"])
 
@@ -245,6 +262,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--load-reference", metavar="FILE", help="reuse log-probs saved by --save-reference")
     p.add_argument("--force", action="store_true", help="overwrite existing --plot / --save-reference files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_rpc_options(p)
     p.set_defaults(func=_main)
 
 
@@ -259,7 +277,8 @@ def _main(args: argparse.Namespace) -> int:
     text = read_text(args.text) if args.text else None
     results = evaluate(args.reference, args.models, text, ctx=args.ctx, chunks=args.chunks,
                        threads=args.threads, kv_type=args.kv_type, save_reference=args.save_reference,
-                       load_reference=args.load_reference, force=args.force, progress=not args.quiet)
+                       load_reference=args.load_reference, force=args.force, progress=not args.quiet,
+                       **rpc_kwargs(args))
     if args.json:
         print(json.dumps([r.to_json() for r in results], indent=2))
     else:

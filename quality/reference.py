@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import struct
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from r7b.errors import R7BError
+from r7b.fsutil import check_free_space
 
 
 def vocab_digest(texts: Sequence[bytes]) -> str:
@@ -87,10 +87,7 @@ class ReferenceLogProbs:
         """Make an empty file for `tokens` (whole chunks), refusing early if the disk cannot hold it."""
         n_chunks = len(tokens) // ctx
         size = cls.file_bytes(ctx, n_chunks, n_vocab)
-        free = shutil.disk_usage(path.parent).free
-        if size > free:
-            raise R7BError(f"the reference log-probs need {size / 2**30:.2f} GiB in {path.parent}, "
-                           f"which has {free / 2**30:.2f} GiB free (fewer --chunks, or another folder)")
+        check_free_space(path, size, "the reference log-probs", hint=" (fewer --chunks, or another folder)")
         header = {"format": 1, "ctx": ctx, "n_chunks": n_chunks, "n_vocab": n_vocab,
                   "vocab_sha256": vocab_sha256, "reference": reference}
         blob = json.dumps(header).encode()

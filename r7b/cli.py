@@ -30,6 +30,7 @@ COMMANDS = {
     "serve": ("r7b.runtime.server", "OpenAI-compatible HTTP API (chat completions, tools, documents)"),
     "eval": ("r7b.quality.eval", "quality drop of quantized models: PPL, KL divergence, top-1 agreement"),
     "bench": ("r7b.quality.bench", "prefill/decode speed and memory, beside raw llama.cpp"),
+    "worker": ("r7b.runtime.worker", "lend this machine's CPU to another machine's model (llama.cpp RPC)"),
 }
 
 

@@ -117,13 +117,18 @@ class LlamaModel:
     """A GGUF loaded by llama.cpp, with its vocabulary; `close()` frees it."""
 
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, vocab_only: bool = False,
-                 use_mmap: bool = True, configure: Callable[[Any], None] | None = None, verbose: bool = False):
+                 use_mmap: bool = True, configure: Callable[[Any], None] | None = None, verbose: bool = False,
+                 placement: Any = None):
+        """`placement` (an `r7b.rpc.Placement`) shares the layers between this CPU and RPC workers."""
         init_backend(verbose)
         self.path = Path(path)
+        self.placement = placement
         params = ll.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 0x7FFFFFFF
         params.vocab_only = vocab_only
         params.use_mmap = use_mmap
+        if placement is not None and not vocab_only:
+            placement.configure(params)
         if configure is not None:
             configure(params)
         self._params = params  # keeps arrays it points to alive while loading

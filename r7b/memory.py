@@ -144,8 +144,16 @@ def _inactive_file(stat: Path) -> int:
     return 0
 
 
-def check_fits(summary, *, n_ctx: int, kv_type: str = "f16", swa_full: bool = False) -> RamEstimate:
-    """Refuse, before llama.cpp allocates, a model whose weights plus KV cache exceed available memory."""
+def check_fits(summary, *, n_ctx: int, kv_type: str = "f16", swa_full: bool = False,
+               placement=None) -> RamEstimate:
+    """Refuse, before llama.cpp allocates, a model whose weights plus KV cache exceed available memory.
+
+    With `placement` (a model split over RPC workers, see r7b.rpc) each device's share is checked
+    against that device's free memory instead, and this machine's share is returned.
+    """
+    if placement is not None:
+        local = check_split_fits(summary, placement, n_ctx=n_ctx, kv_type=kv_type, swa_full=swa_full)[0]
+        return RamEstimate(local.weights, local.kv_cache, local.compute - RUNTIME_OVERHEAD, RUNTIME_OVERHEAD)
     shape = Cohere2Dims.from_gguf_metadata(summary.metadata)
     weights = sum(t.nbytes for t in summary.tensors)
     need = estimate_ram(weights, shape, n_ctx, kv_type=kv_type, swa_full=swa_full)
@@ -156,3 +164,74 @@ def check_fits(summary, *, n_ctx: int, kv_type: str = "f16", swa_full: bool = Fa
                        f"{format_bytes(need.compute + need.overhead)}) but only {format_bytes(available)} is "
                        "available: use a shorter context, a quantized KV cache or a smaller quantization")
     return need
+
+
+@dataclass(frozen=True)
+class DeviceShare:
+    """What one device of a split model holds: its blocks' weights and KV cache, and its scratch."""
+
+    name: str
+    layers: int
+    weights: int
+    kv_cache: int
+    compute: int
+    free: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.compute
+
+
+def split_shares(summary, placement, *, n_ctx: int, kv_type: str = "f16", swa_full: bool = False,
+                 n_ubatch: int = 512) -> list[DeviceShare]:
+    """Each device's share of a model split by `placement` (an `r7b.rpc.Placement`), as llama.cpp places it.
+
+    The input embeddings stay on this machine; the output layer (the embeddings again, for tied
+    weights) stays here too or goes to a worker (`placement.layer_device`); each block brings its
+    weights and its layer's KV cache.
+    Every device needs scratch for its activations, and the one holding the output also the logits.
+    """
+    shape = Cohere2Dims.from_gguf_metadata(summary.metadata)
+    n = shape.n_layers
+    per_layer = [0] * n
+    embd = out = 0
+    for t in summary.tensors:
+        if 0 <= t.layer < n:
+            per_layer[t.layer] += t.nbytes
+        elif t.name == "token_embd.weight":
+            embd = t.nbytes
+        else:
+            out += t.nbytes
+    if not any(t.name == "output.weight" for t in summary.tensors) and placement.layer_device(n) != 0:
+        out += embd  # tied: llama.cpp copies the embeddings to the output layer's device (here: the same mapping)
+    global_cells, swa_cells = kv_cells(n_ctx, shape.sliding_window, swa_full=swa_full, n_ubatch=n_ubatch)
+    per_cell = 2 * tensor_bytes((shape.n_kv_heads * shape.head_dim,), kv_type)
+    p = shape.swa_pattern
+
+    def kv(il: int) -> int:
+        is_global = not shape.sliding_window or p <= 0 or il % p == p - 1
+        return per_cell * (global_cells if is_global else swa_cells)
+
+    act = 4 * n_ubatch * (2 * shape.ffn + 4 * shape.hidden)
+    shares = []
+    for i, (name, layers) in enumerate(zip(placement.names, placement.layers())):
+        blocks = [il for il in layers if il < n]
+        weights = sum(per_layer[il] for il in blocks) + (out if n in layers else 0) + (embd if i == 0 else 0)
+        compute = (act if blocks or i == 0 else 0) + (4 * n_ubatch * shape.vocab if n in layers else 0)
+        shares.append(DeviceShare(name, len(blocks), weights, sum(kv(il) for il in blocks),
+                                  compute + (RUNTIME_OVERHEAD if i == 0 else 0), placement.free[i]))
+    return shares
+
+
+def check_split_fits(summary, placement, *, n_ctx: int, kv_type: str = "f16", swa_full: bool = False
+                     ) -> list[DeviceShare]:
+    """Refuse a split in which some device's share exceeds its free memory, naming the device."""
+    shares = split_shares(summary, placement, n_ctx=n_ctx, kv_type=kv_type, swa_full=swa_full)
+    for s in shares:
+        if s.total > s.free:
+            raise R7BError(f"{summary.path}: {s.name} would hold {s.layers} layers needing about "
+                           f"{format_bytes(s.total)} (weights {format_bytes(s.weights)} + {kv_type} KV cache "
+                           f"{format_bytes(s.kv_cache)} for {n_ctx} tokens + compute {format_bytes(s.compute)}) but "
+                           f"has only {format_bytes(s.free)} free: change --tensor-split, add a worker, or use a "
+                           "shorter context or a smaller quantization")
+    return shares

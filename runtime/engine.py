@@ -12,11 +12,12 @@ from __future__ import annotations
 import codecs
 import ctypes
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import llama_cpp
+import numpy as np
 
 from r7b.cohere2 import kv_type_id
 from r7b.errors import R7BError
@@ -32,6 +33,12 @@ class EngineConfig:
     swa_full: bool = False
     flash_attn: str = "auto"  # "on", "off" or "auto" (llama.cpp decides per backend)
     verbose: bool = False
+    rpc: tuple[str, ...] = ()  # RPC workers "host:port" that take a share of the layers
+    tensor_split: tuple[float, ...] | None = None  # this machine, then each worker (default: by free memory)
+    placement: Any = field(default=None, compare=False)  # an r7b.rpc.Placement already planned (Model.load)
+
+
+DRY_BREAKERS = ("\n", ":", "\"", "*")  # llama-server's default DRY sequence breakers
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,26 @@ class Sampling:
     min_p: float = 0.0
     seed: int | None = None
     grammar: str | None = None
+    # Repetition control, named as llama-server names it; the defaults leave it off. The penalties
+    # and DRY see the last `repeat_last_n` / `dry_penalty_last_n` tokens, prompt included, as in
+    # llama-server (-1: the whole context).
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repeat_last_n: int = 64
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = 64
+    dry_sequence_breakers: tuple[str, ...] = DRY_BREAKERS
+
+    @property
+    def penalized(self) -> bool:
+        return self.repeat_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+    @property
+    def dry(self) -> bool:
+        return self.dry_multiplier != 0.0 and self.dry_base >= 1.0 and self.dry_penalty_last_n != 0
 
 
 class Engine:
@@ -56,7 +83,16 @@ class Engine:
         self.path = Path(path)
         self.config = config
         self.n_threads = config.n_threads or default_threads()
-        self.model = LlamaModel(self.path, n_gpu_layers=config.n_gpu_layers, verbose=config.verbose)
+        placement = config.placement
+        if placement is None and config.rpc:
+            from r7b import rpc
+            from r7b.gguf_reader import read_gguf
+
+            n_layers = int(read_gguf(self.path).metadata["cohere2.block_count"])
+            placement = rpc.plan(config.rpc, n_layers, config.tensor_split)
+        self.placement = placement
+        self.model = LlamaModel(self.path, n_gpu_layers=config.n_gpu_layers, verbose=config.verbose,
+                                placement=placement)
         self._vocab = self.model.vocab
         try:
             self._ctx = self.model.new_context(n_ctx=config.n_ctx, n_batch=config.n_batch, n_threads=self.n_threads,
@@ -180,9 +216,10 @@ class Engine:
         """Sample up to max_tokens after a prefill; yields each token, ends after a stop/EOG token.
 
         `ignore_eog` keeps going past end-of-generation tokens, so a benchmark always produces
-        `max_tokens` (stop_ids still apply).
+        `max_tokens` (stop_ids still apply). Between a token's yield and the next step,
+        `logprobs` reads the distribution it was sampled from.
         """
-        sampler = self._sampler(sampling)
+        sampler = self._sampler(sampling, history=self.cached)
         try:
             room = self.n_ctx - len(self.cached)
             for _ in range(min(max_tokens, room)):
@@ -198,7 +235,24 @@ class Engine:
         finally:
             llama_cpp.llama_sampler_free(sampler)
 
-    def _sampler(self, s: Sampling):
+    def logprobs(self, token: int, top: int = 0) -> tuple[float, list[tuple[int, float]]]:
+        """Log-probability of `token` and the `top` likeliest tokens, from the last logits.
+
+        As llama-server reports them by default: log-softmax of the model's raw logits over the
+        whole vocabulary, before any sampler (penalties, temperature, truncation) touched them.
+        """
+        logits = np.ctypeslib.as_array(self.logits(), shape=(self.n_vocab,))
+        peak = float(logits.max())
+        log_z = peak + float(np.log(np.exp(logits - peak, dtype=np.float64).sum()))
+        best: list[tuple[int, float]] = []
+        if top > 0:
+            idx = np.argpartition(logits, -top)[-top:]
+            idx = idx[np.argsort(-logits[idx], kind="stable")]
+            best = [(int(i), float(logits[i]) - log_z) for i in idx]
+        return float(logits[token]) - log_z, best
+
+    def _sampler(self, s: Sampling, history: Sequence[int] = ()):
+        """llama.cpp's sampler chain for `s`; penalties and DRY first see `history` (the prompt)."""
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda smpl: llama_cpp.llama_sampler_chain_add(chain, smpl)  # noqa: E731
         if s.grammar:
@@ -207,6 +261,23 @@ class Engine:
                 llama_cpp.llama_sampler_free(chain)
                 raise R7BError("invalid grammar")
             add(grammar)
+        # As llama-server's chain: penalties, DRY, top-k, top-p, min-p, temperature, then the draw.
+        # The grammar is the chain's own; the history goes to the penalty samplers alone.
+        seen = []
+        if s.penalized and s.repeat_last_n != 0:
+            last_n = self.n_ctx if s.repeat_last_n < 0 else min(s.repeat_last_n, self.n_ctx)
+            seen.append((llama_cpp.llama_sampler_init_penalties(self.n_vocab, last_n, s.repeat_penalty,
+                                                                s.frequency_penalty, s.presence_penalty), last_n))
+        if s.dry:
+            last_n = self.n_ctx if s.dry_penalty_last_n < 0 else min(s.dry_penalty_last_n, self.n_ctx)
+            breakers = [b.encode("utf-8") for b in s.dry_sequence_breakers if b]
+            arr = (ctypes.c_char_p * max(len(breakers), 1))(*breakers)
+            seen.append((llama_cpp.llama_sampler_init_dry(self._vocab, s.dry_multiplier, s.dry_base,
+                                                          s.dry_allowed_length, last_n, arr, len(breakers)), last_n))
+        for smpl, last_n in seen:
+            add(smpl)
+            for tok in history[-last_n:]:
+                llama_cpp.llama_sampler_accept(smpl, tok)
         if s.temperature <= 0:
             add(llama_cpp.llama_sampler_init_greedy())
             return chain

@@ -8,11 +8,14 @@ evaluates its new tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+
+from llama_cpp import LLAMA_TOKEN_ATTR_CONTROL
 
 from r7b.cohere2 import STOP_TEXTS
 from r7b.errors import R7BError
@@ -24,6 +27,7 @@ from r7b.templates import gguf_templates
 from .engine import Engine, EngineConfig, Sampling, TextStream
 from .parse import ParsedOutput, StreamParser, to_assistant_message
 from .prompt import render_prompt
+from .template_worker import TemplateWorker
 from .protect import Protector, check_vocab
 from .request import ChatRequest, PreparedPrompt, prepare
 
@@ -60,6 +64,9 @@ class ChatResult:
     malformed: bool = False
     error: str | None = None
     parsed: ParsedOutput | None = field(default=None, repr=False)
+    logprobs: list[dict] | None = None  # with logprobs asked for: OpenAI's `logprobs.content` entries
+    choices: list["ChatResult"] = field(default_factory=list, repr=False)  # n > 1: every answer; this is the
+    # first, with usage counting them all
 
     def message(self) -> dict:
         """The assistant message to append to the conversation."""
@@ -73,17 +80,46 @@ class Done:
     result: ChatResult
 
 
-def file_templates(summary: Any) -> dict[str, str]:
-    """A GGUF's own chat templates, each tried once in the sandbox so a bad one fails at load."""
+@dataclass
+class Choice:
+    """With n > 1, opens answer `index`: the events up to the next `Choice` (or `Done`) are that answer's."""
+
+    index: int
+
+
+@dataclass
+class TokenLogprob:
+    """With logprobs asked for, comes before the events of each generated (non-control) token.
+
+    `entry` is in OpenAI's shape: {"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}.
+    """
+
+    entry: dict
+
+
+def file_templates(summary: Any, worker: TemplateWorker | None = None) -> dict[str, str]:
+    """A GGUF's own chat templates, each tried once so a bad one fails at load.
+
+    They render in `worker` (a separate process under OS limits; closed here if a template
+    fails), or in a worker of their own, closed afterwards.
+    """
     sources = gguf_templates(summary.metadata)
     if not sources:
         raise R7BError(f"{summary.path} carries no chat template; use chat_template='builtin'")
-    for name in sources:
-        messages, tools, documents = _SAMPLES[name]
-        try:
-            render_prompt(messages, tools, documents, template=name, sources=sources)
-        except R7BError as exc:
-            raise R7BError(f"{summary.path}: {exc}") from None
+    own = worker is None
+    worker = TemplateWorker(summary.path) if own else worker
+    try:
+        for name in sources:
+            messages, tools, documents = _SAMPLES[name]
+            try:
+                render_prompt(messages, tools, documents, template=name, sources=sources, worker=worker)
+            except R7BError as exc:
+                worker.close()
+                message = str(exc)
+                raise R7BError(message if str(summary.path) in message else f"{summary.path}: {message}") from None
+    finally:
+        if own:
+            worker.close()
     return sources
 
 
@@ -97,10 +133,13 @@ _SAMPLES = {"default": ([{"role": "user", "content": "Hello"}], None, None),
 class Model:
     """A Command R7B GGUF loaded with llama.cpp. Not thread-safe: one call at a time."""
 
-    def __init__(self, engine: Engine, template_sources: dict[str, str] | None = None):
+    def __init__(self, engine: Engine, template_sources: dict[str, str] | None = None,
+                 template_worker: TemplateWorker | None = None):
         self.engine = engine
         self.path = engine.path
         self.template_sources = template_sources
+        # A file's own templates render in a process of this model's (started on first use).
+        self.template_worker = template_worker or (TemplateWorker(engine.path) if template_sources else None)
         check_vocab(engine.n_vocab, engine.model.token_attr, engine.model.token_text, str(engine.path))
         control = engine.control_tokens()
         self.protector = Protector(control)
@@ -110,35 +149,65 @@ class Model:
     def load(cls, path: str | os.PathLike, *, n_ctx: int = 8192, n_threads: int | None = None,
              n_gpu_layers: int = 0, kv_type: str = "f16", swa_full: bool = False, n_batch: int = 512,
              flash_attn: str = "auto", check_memory: bool = True, chat_template: str = "builtin",
-             verbose: bool = False) -> "Model":
+             verbose: bool = False, rpc: Sequence[str] | str | None = None,
+             tensor_split: Sequence[float] | str | None = None, isolate: bool = False) -> "Model":
         """Load a GGUF. CPU by default; n_gpu_layers=-1 offloads all layers (Metal, CUDA) where built.
 
         `chat_template="gguf"` formats prompts with the file's own templates instead of the
         project's (for a fine-tune that changed them); they are checked here, in the sandbox.
+
+        `rpc=["host:port", ...]` shares the layers between this CPU and `r7b worker`s (llama.cpp's
+        RPC backend), by each device's free memory or by `tensor_split` (this machine first, then
+        each worker). A worker that drops mid-answer makes llama.cpp abort the process; with
+        `isolate=True` the model runs in a supervised child process instead (runtime/remote.py),
+        and such a failure becomes an R7BError for that request only.
         """
+        from r7b import rpc as rpc_mod
+
+        endpoints = rpc_mod.parse_endpoints(rpc)
+        split = rpc_mod.parse_split(tensor_split)
+        if split is not None and not endpoints:
+            raise R7BError("tensor_split needs RPC workers (rpc=[...] / --rpc HOST:PORT,...)")
+        if endpoints and isolate:
+            from .remote import RemoteModel
+
+            return RemoteModel.start(path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                                     kv_type=kv_type, swa_full=swa_full, n_batch=n_batch, flash_attn=flash_attn,
+                                     check_memory=check_memory, chat_template=chat_template, verbose=verbose,
+                                     rpc=endpoints, tensor_split=split)
         path = Path(path)
         if not path.is_file():
             raise R7BError(f"no such model file: {path}")
         summary = validate_gguf(path, arch="cohere2", check_tensor_data=False)
         if chat_template not in CHAT_TEMPLATES:
             raise R7BError(f"chat_template must be one of {', '.join(CHAT_TEMPLATES)}, not {chat_template!r}")
-        sources = file_templates(summary) if chat_template == "gguf" else None
+        # A process of its own renders the file's templates (template_worker.py).
+        template_worker = TemplateWorker(path) if chat_template == "gguf" else None
+        sources = file_templates(summary, template_worker) if template_worker is not None else None
         n_ctx = min(n_ctx, int(summary.metadata.get("cohere2.context_length", n_ctx))) or n_ctx
+        placement = None
+        if endpoints and n_ctx >= 256:  # connects to the workers (each probed first)
+            placement = rpc_mod.plan(endpoints, int(summary.metadata["cohere2.block_count"]), split)
         if check_memory:
-            check_fits(summary, n_ctx=n_ctx, kv_type=kv_type, swa_full=swa_full)
+            check_fits(summary, n_ctx=n_ctx, kv_type=kv_type, swa_full=swa_full, placement=placement)
         if n_ctx < 256:
             raise R7BError(f"n_ctx must be at least 256 tokens, got {n_ctx}")
         config = EngineConfig(n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                              kv_type=kv_type, swa_full=swa_full, flash_attn=flash_attn, verbose=verbose)
+                              kv_type=kv_type, swa_full=swa_full, flash_attn=flash_attn, verbose=verbose,
+                              rpc=tuple(endpoints), tensor_split=tuple(split) if split else None, placement=placement)
         engine = Engine(path, config)
         try:
-            return cls(engine, sources)
+            return cls(engine, sources, template_worker)
         except BaseException:
             engine.close()
+            if template_worker is not None:
+                template_worker.close()
             raise
 
     def close(self) -> None:
         self.engine.close()
+        if self.template_worker is not None:
+            self.template_worker.close()
 
     def __enter__(self) -> "Model":
         return self
@@ -154,6 +223,7 @@ class Model:
         fence = self.protector.fence
         return render_prompt(fence(list(messages)), fence(tools) if tools is not None else None,
                              fence(documents) if documents is not None else None, sources=self.template_sources,
+                             worker=self.template_worker,
                              **options)
 
     def tokenize_prompt(self, rendered: str) -> list[int]:
@@ -166,21 +236,40 @@ class Model:
              top_k: int = 0, min_p: float = 0.0, seed: int | None = None, stop: Sequence[str] | str | None = None,
              mode: str | None = None, safety: str | None = None, template: str = "auto",
              enable_citations: bool | None = None, grammar: str | None = None, tool_choice: str = "auto",
-             response_format: dict | None = None, constrain_tools: bool = False) -> ChatResult | Iterator[object]:
+             response_format: dict | None = None, constrain_tools: bool = False, n: int = 1,
+             logprobs: bool = False, top_logprobs: int = 0, frequency_penalty: float = 0.0,
+             presence_penalty: float = 0.0, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
+             dry_multiplier: float = 0.0, dry_base: float = 1.75, dry_allowed_length: int = 2,
+             dry_penalty_last_n: int = 64, dry_sequence_breakers: Sequence[str] | None = None,
+             ) -> ChatResult | Iterator[object]:
         """One assistant turn. With stream=True, yields parser events and finally `Done(result)`.
 
         `tool_choice` ("auto", "none", "required" or a tool's name) and `response_format`
         ({"schema": ...}) are enforced with a grammar; `constrain_tools` holds any tool call to
         the tools' schemas without forcing one.
+
+        As llama-server: `frequency_penalty`, `presence_penalty`, `repeat_penalty` over the last
+        `repeat_last_n` tokens, and DRY (`dry_multiplier` > 0 turns it on). `n` > 1 (at most 4)
+        samples that many answers from the one prompt evaluation, answer i with `seed + i`: the
+        result is the first, with all of them in `.choices` (a stream marks each with `Choice`).
+        `logprobs` fills `result.logprobs` with each token's log-probability (softmax of the raw
+        logits) and its `top_logprobs` likeliest alternatives; a stream sends `TokenLogprob` events.
         """
         if max_tokens < 1:
             raise R7BError("max_tokens must be at least 1")
+        sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p, "seed": seed,
+                    "frequency_penalty": frequency_penalty, "presence_penalty": presence_penalty,
+                    "repeat_penalty": repeat_penalty, "repeat_last_n": repeat_last_n,
+                    "dry_multiplier": dry_multiplier, "dry_base": dry_base, "dry_allowed_length": dry_allowed_length,
+                    "dry_penalty_last_n": dry_penalty_last_n}
+        if dry_sequence_breakers is not None:
+            sampling["dry_sequence_breakers"] = tuple(dry_sequence_breakers)
         request = ChatRequest(
             messages=list(messages), tools=tools, documents=documents, citations=enable_citations,
             tool_choice=tool_choice, response_format=response_format, grammar=grammar,
-            constrain_tools=constrain_tools, max_tokens=max_tokens,
-            sampling={"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p, "seed": seed},
-            stop=[stop] if isinstance(stop, str) else list(stop or []), template=template, mode=mode, safety=safety)
+            constrain_tools=constrain_tools, max_tokens=max_tokens, sampling=sampling,
+            stop=[stop] if isinstance(stop, str) else list(stop or []), template=template, mode=mode, safety=safety,
+            n=n, logprobs=top_logprobs if logprobs else None)
         events = self.generate(self.prepare(request), request.sampling)
         if stream:
             return events
@@ -191,16 +280,39 @@ class Model:
         return prepare(self, request)
 
     def generate(self, prompt: PreparedPrompt, sampling: dict[str, Any]) -> Iterator[object]:
-        """Run a prepared prompt: parser events, then `Done(result)`."""
+        """Run a prepared prompt: parser events, then `Done(result)`; with n > 1, each answer after a `Choice`."""
+        if prompt.n == 1:
+            result = yield from self._generate_one(prompt, sampling)
+            yield Done(result)
+            return
+        results = []
+        for i in range(prompt.n):
+            yield Choice(i)
+            seed = sampling.get("seed")
+            # each answer re-evaluates only the prompt's last token: prefill keeps the rest cached
+            results.append((yield from self._generate_one(prompt, sampling if seed is None or i == 0
+                                                          else {**sampling, "seed": seed + i})))
+        usage = Usage(prompt_tokens=len(prompt.tokens), completion_tokens=sum(r.usage.completion_tokens
+                                                                             for r in results),
+                      cached_tokens=results[0].usage.cached_tokens)
+        yield Done(dataclasses.replace(results[0], usage=usage, choices=results))
+
+    def _generate_one(self, prompt: PreparedPrompt, sampling: dict[str, Any]) -> Iterator[object]:
+        """One answer's events; returns its `ChatResult`."""
         sampler = Sampling(**{**sampling, "grammar": prompt.grammar})
         evaluated = self.engine.prefill(prompt.tokens)
         parser = StreamParser(tool_call_ids=prompt.tool_call_ids, has_documents=prompt.has_documents)
         yield from parser.feed(prompt.prefix)
         raw, n_out, finish = [], 0, "length"
+        logprobs: list[dict] | None = None if prompt.logprobs is None else []
         text_out = TextStream(self.engine)
         holdback = _StopScanner(prompt.stop)
         for tok in self.engine.generate(sampler, prompt.max_tokens, self._stop_ids):
             n_out += 1
+            if logprobs is not None and not self.engine.model.token_attr(tok) & LLAMA_TOKEN_ATTR_CONTROL:
+                entry = self._logprob_entry(tok, prompt.logprobs)
+                logprobs.append(entry)
+                yield TokenLogprob(entry)
             piece = text_out.push(tok)
             if tok in self._stop_ids or self.engine.is_eog(tok):
                 raw.append(piece)
@@ -221,10 +333,19 @@ class Model:
         raw_text = holdback.text if holdback.hit is not None else "".join(raw)
         usage = Usage(prompt_tokens=len(prompt.tokens), completion_tokens=n_out,
                       cached_tokens=len(prompt.tokens) - evaluated)
-        yield Done(ChatResult(text=parsed.text, thinking=parsed.thinking, tool_calls=parsed.tool_calls,
-                              citations=parsed.citations, finish_reason=parsed.finish_reason or finish,
-                              usage=usage, raw=prompt.prefix + raw_text, malformed=parsed.malformed,
-                              error=parsed.error, parsed=parsed))
+        return ChatResult(text=parsed.text, thinking=parsed.thinking, tool_calls=parsed.tool_calls,
+                          citations=parsed.citations, finish_reason=parsed.finish_reason or finish,
+                          usage=usage, raw=prompt.prefix + raw_text, malformed=parsed.malformed,
+                          error=parsed.error, parsed=parsed, logprobs=logprobs)
+
+    def _logprob_entry(self, token: int, top: int) -> dict:
+        logprob, best = self.engine.logprobs(token, top)
+
+        def item(tok: int, lp: float) -> dict:
+            data = self.engine.piece(tok)
+            return {"token": data.decode("utf-8", "replace"), "logprob": lp, "bytes": list(data)}
+
+        return {**item(token, logprob), "top_logprobs": [item(t, lp) for t, lp in best]}
 
 
 def final_result(events: Iterator[object]) -> ChatResult:

@@ -13,10 +13,10 @@ import secrets
 import time
 from typing import Any
 
-from .model import ChatResult, Done
+from .model import ChatResult, Choice, Done, TokenLogprob
 from .openai_schema import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 from .parse import TextDelta, ThinkingDelta, ToolCallEvent
-from .request import ChatRequest
+from .request import ChatRequest, RequestError, json_or_text
 
 
 def _text(content: Any) -> str:
@@ -27,17 +27,6 @@ def _text(content: Any) -> str:
     return "\n".join(part.text for part in content)
 
 
-def _json_or_text(text: str) -> Any:
-    """Tool output that is a JSON object or array is shown to the model as JSON, not as a quoted string."""
-    if not text.lstrip().startswith(("{", "[")):
-        return text
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):
-        return text
-    return value if isinstance(value, (dict, list)) else text
-
-
 def template_message(msg: Any) -> dict:
     """An OpenAI message as the chat templates take it (prompt.py maps the remaining OpenAI fields)."""
     if msg.role in ("system", "developer"):
@@ -45,7 +34,7 @@ def template_message(msg: Any) -> dict:
     if msg.role == "user":
         return {"role": "user", "content": _text(msg.content)}
     if msg.role == "tool":
-        return {"role": "tool", "tool_call_id": msg.tool_call_id, "content": _json_or_text(_text(msg.content))}
+        return {"role": "tool", "tool_call_id": msg.tool_call_id, "content": json_or_text(_text(msg.content))}
     out: dict[str, Any] = {"role": "assistant", "content": _text(msg.content)}
     if msg.tool_calls:
         out["tool_calls"] = [c.model_dump() for c in msg.tool_calls]
@@ -82,18 +71,27 @@ def _response_format(req: ChatCompletionRequest) -> dict | None:
     return {"schema": fmt.json_schema.schema_ if fmt.type == "json_schema" else None}
 
 
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "frequency_penalty", "presence_penalty",
+                   "repeat_penalty", "repeat_last_n", "dry_multiplier", "dry_base", "dry_allowed_length",
+                   "dry_penalty_last_n")
+
+
 def to_request(req: ChatCompletionRequest, max_tokens: int | None = None) -> ChatRequest:
     """`max_tokens`: the server's ceiling; a request asking for more gets that many (finish_reason "length")."""
     documents = [{"text": d} if isinstance(d, str) else d for d in req.documents] if req.documents else None
     citations = next((f for f in (req.citations_enabled, req.enable_citations) if f is not None), bool(documents))
-    sampling = {k: v for k, v in (("temperature", req.temperature), ("top_p", req.top_p), ("top_k", req.top_k),
-                                  ("seed", req.seed)) if v is not None}
+    sampling = {k: getattr(req, k) for k in SAMPLING_FIELDS if getattr(req, k) is not None}
+    if req.dry_sequence_breakers is not None:
+        sampling["dry_sequence_breakers"] = tuple(req.dry_sequence_breakers)
+    if req.top_logprobs and not req.logprobs:
+        raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
     stop = [] if req.stop is None else [req.stop] if isinstance(req.stop, str) else list(req.stop)
     return ChatRequest(messages=[template_message(m) for m in req.messages], tools=_tools(req), documents=documents,
                        citations=citations, tool_choice=_tool_choice(req), response_format=_response_format(req),
                        max_tokens=min(filter(None, (req.max_completion_tokens or req.max_tokens, max_tokens)),
                                       default=None),
-                       sampling=sampling, stop=stop)
+                       sampling=sampling, stop=stop, n=req.n or 1,
+                       logprobs=(req.top_logprobs or 0) if req.logprobs else None)
 
 
 def finish_reason(result: ChatResult) -> str:
@@ -124,6 +122,13 @@ class Reply:
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
     def completion(self, result: ChatResult) -> dict:
+        """With n > 1 the result holds every answer in `choices`, and the usage of them all."""
+        choices = [self._choice(i, r) for i, r in enumerate(result.choices or [result])]
+        body = ChatCompletion(id=self.id, created=self.created, model=self.model, usage=result.usage.to_dict(),
+                              choices=choices)
+        return body.model_dump(mode="json")
+
+    def _choice(self, index: int, result: ChatResult) -> dict:
         message: dict[str, Any] = {"content": result.text if result.text or not result.tool_calls else None}
         if result.tool_calls:
             message["tool_calls"] = [_tool_call_out(c) for c in result.tool_calls]
@@ -131,45 +136,77 @@ class Reply:
             message["reasoning_content"] = result.thinking
         if self.citations or result.citations:
             message["citations"] = _citations(result)
-        body = ChatCompletion(id=self.id, created=self.created, model=self.model, usage=result.usage.to_dict(),
-                              choices=[{"message": message, "finish_reason": finish_reason(result)}])
-        return body.model_dump(mode="json")
+        logprobs = None if result.logprobs is None else {"content": result.logprobs}
+        return {"index": index, "message": message, "finish_reason": finish_reason(result), "logprobs": logprobs}
 
-    def chunk(self, delta: dict | None, finish: str | None = None, usage: dict | None = None) -> str:
-        choices = [] if delta is None else [{"delta": delta, "finish_reason": finish}]
+    def chunk(self, delta: dict | None, finish: str | None = None, usage: dict | None = None, index: int = 0,
+              logprobs: list[dict] | None = None) -> str:
+        choices = [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish,
+                                             "logprobs": None if logprobs is None else {"content": logprobs}}]
         chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
         return f"data: {chunk.model_dump_json()}\n\n"
 
 
 class ChunkWriter:
-    """Turns model events into `chat.completion.chunk` lines."""
+    """Turns model events into `chat.completion.chunk` lines.
+
+    With n > 1 each answer's events follow a `Choice` marker and its chunks carry its index; every
+    answer's last chunk (its finish_reason) is sent once all are done. Token log-probabilities go
+    with the next chunk of the answer that has content, or with its last chunk.
+    """
 
     def __init__(self, reply: Reply):
         self.reply = reply
-        self.tool_calls = 0
+        self.index = 0
+        self.tool_calls: dict[int, int] = {}
+        self.logprobs: list[dict] = []
 
     def start(self) -> str:
         return self.reply.chunk({"role": "assistant", "content": ""})
 
     def event(self, event: object) -> list[str]:
+        if isinstance(event, TokenLogprob):
+            self.logprobs.append(event.entry)
+            return []
         if isinstance(event, (TextDelta, ThinkingDelta)) and event.text:
             key = "content" if isinstance(event, TextDelta) else "reasoning_content"
-            return [self.reply.chunk({key: event.text})]
+            return [self._chunk({key: event.text})]
         if isinstance(event, ToolCallEvent):
-            return [self._tool_call(event.tool_call)]
+            return [self._tool_call(self.index, event.tool_call)]
+        if isinstance(event, Choice):
+            return self._open(event.index)
         if isinstance(event, Done):
             return self._finish(event.result)
         return []
 
-    def _tool_call(self, call: dict) -> str:
-        line = self.reply.chunk({"tool_calls": [{"index": self.tool_calls, **_tool_call_out(call)}]})
-        self.tool_calls += 1
+    def _chunk(self, delta: dict, finish: str | None = None, index: int | None = None) -> str:
+        logprobs, self.logprobs = (self.logprobs or None), []
+        return self.reply.chunk(delta, finish=finish, index=self.index if index is None else index,
+                                logprobs=logprobs)
+
+    def _open(self, index: int) -> list[str]:
+        lines = [self._chunk({}, index=self.index)] if self.logprobs else []  # the last answer's leftovers
+        self.index = index
+        if index > 0:
+            lines.append(self.reply.chunk({"role": "assistant", "content": ""}, index=index))
+        return lines
+
+    def _tool_call(self, index: int, call: dict) -> str:
+        n = self.tool_calls.get(index, 0)
+        line = self.reply.chunk({"tool_calls": [{"index": n, **_tool_call_out(call)}]}, index=index)
+        self.tool_calls[index] = n + 1
         return line
 
     def _finish(self, result: ChatResult) -> list[str]:
-        lines = [self._tool_call(c) for c in result.tool_calls[self.tool_calls:]]  # any the parser held back
-        delta = {"citations": _citations(result)} if self.reply.citations or result.citations else {}
-        lines.append(self.reply.chunk(delta, finish=finish_reason(result)))
+        lines = []
+        for index, choice in enumerate(result.choices or [result]):
+            held = choice.tool_calls[self.tool_calls.get(index, 0):]  # any the parser held back
+            lines.extend(self._tool_call(index, c) for c in held)
+            delta = {"citations": _citations(choice)} if self.reply.citations or choice.citations else {}
+            if index == self.index:
+                lines.append(self._chunk(delta, finish=finish_reason(choice), index=index))
+            else:
+                lines.append(self.reply.chunk(delta, finish=finish_reason(choice), index=index))
         if self.reply.include_usage:
             lines.append(self.reply.chunk(None, usage=result.usage.to_dict()))
         return lines

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .request import MAX_N, MAX_TOP_LOGPROBS
+
 _STRICT = ConfigDict(strict=True, allow_inf_nan=False, populate_by_name=True)
 INT32_MAX = 2**31 - 1
 
@@ -140,8 +142,34 @@ class ChatCompletionRequest(_Request):
     max_tokens: int | None = Field(None, ge=1, description="Default: the rest of the context.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Takes precedence over `max_tokens`.")
     stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int | None = Field(None, ge=1, le=1, description="Only 1 is supported.")
+    seed: int | None = Field(None, description="With `n` > 1, answer i is sampled with `seed + i`.")
+    n: int | None = Field(None, ge=1, le=MAX_N, description=f"Answers to sample (at most {MAX_N}); the prompt is "
+                                                            "evaluated once for all of them.")
+    logprobs: bool | None = Field(None, description="Return each content token's log-probability: the log-softmax "
+                                                    "of the model's raw logits, before sampling, as llama-server "
+                                                    "reports it.")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                     description="With `logprobs`: this many likeliest tokens at each position.")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Penalty per earlier occurrence of a "
+                                            "token among the last `repeat_last_n` (prompt included).")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="Penalty for a token seen among the last "
+                                           "`repeat_last_n` (prompt included).")
+    # llama-server's sampling extensions, by its names.
+    min_p: float | None = Field(None, ge=0, le=1, description="Extension: min-p sampling (0: off).")
+    repeat_penalty: float | None = Field(None, gt=0, le=10, description="Extension: llama.cpp's repetition "
+                                         "penalty (1: off).")
+    repeat_last_n: int | None = Field(None, ge=-1, le=INT32_MAX, description="Extension: tokens the penalties "
+                                      "look back on (default 64; -1: the context; 0: penalties off).")
+    dry_multiplier: float | None = Field(None, ge=0, le=100, description="Extension: DRY repetition penalty "
+                                         "strength (0: off).")
+    dry_base: float | None = Field(None, ge=1, le=100, description="Extension: DRY base (default 1.75).")
+    dry_allowed_length: int | None = Field(None, ge=0, le=INT32_MAX, description="Extension: repeated sequences "
+                                           "longer than this are penalized by DRY (default 2).")
+    dry_penalty_last_n: int | None = Field(None, ge=-1, le=INT32_MAX, description="Extension: tokens DRY scans "
+                                           "(default 64; -1: the context).")
+    dry_sequence_breakers: list[str] | None = Field(None, min_length=1, max_length=32, description="Extension: "
+                                                    'strings that end a DRY sequence (default ["\\n", ":", '
+                                                    '"\\"", "*"]).')
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = Field(
@@ -153,10 +181,6 @@ class ChatCompletionRequest(_Request):
     enable_citations: bool | None = Field(None, description="Extension: the same as `citations_enabled`.")
     # Sent by common clients; a local llama.cpp model has nothing to do with them.
     user: str | None = Field(None, description=IGNORED)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2, description=IGNORED)
-    presence_penalty: float | None = Field(None, ge=-2, le=2, description=IGNORED)
-    logprobs: Literal[False] | None = Field(None, description="Log probabilities are not supported.")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description=IGNORED)
     logit_bias: dict[str, float] | None = Field(None, description=IGNORED)
     parallel_tool_calls: bool | None = Field(None, description=IGNORED + " The model may call several tools at once.")
     metadata: dict[str, str] | None = Field(None, description=IGNORED)
@@ -210,11 +234,25 @@ class AssistantMessageOut(BaseModel):
 FinishReason = Literal["stop", "length", "tool_calls"]
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = Field(description="The generated tokens, control tokens left out.")
+
+
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessageOut
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class PromptTokensDetails(BaseModel):
@@ -249,7 +287,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 from typing import Any
 
 from r7b.cohere2 import KV_TYPES
@@ -24,6 +25,29 @@ def add_model_options(p: argparse.ArgumentParser, *, n_ctx: int = DEFAULT_N_CTX)
     p.add_argument("--flash-attn", choices=list(FLASH_ATTN), default="auto",
                    help="flash attention: on, off, or auto (llama.cpp decides per backend; default auto)")
     add_chat_template_arg(p)
+    add_rpc_options(p)
+
+
+def add_rpc_options(p: argparse.ArgumentParser) -> None:
+    """--rpc and --tensor-split: share the model's layers with `r7b worker`s on other machines."""
+    p.add_argument("--rpc", metavar="HOST:PORT[,HOST:PORT...]",
+                   help="put part of the model's layers on these `r7b worker`s (llama.cpp RPC; trusted networks "
+                        "only: the protocol has no authentication or encryption)")
+    p.add_argument("--tensor-split", metavar="P0,P1,...",
+                   help="with --rpc: proportions of the layers for this machine, then each worker in --rpc order "
+                        "(default: by each device's free memory)")
+
+
+def rpc_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """`rpc` and `tensor_split` keyword arguments from the options above (empty without --rpc)."""
+    from r7b.errors import R7BError
+    from r7b.rpc import parse_endpoints, parse_split
+
+    endpoints = parse_endpoints(getattr(args, "rpc", None))
+    split = parse_split(getattr(args, "tensor_split", None))
+    if split is not None and not endpoints:
+        raise R7BError("--tensor-split needs --rpc HOST:PORT,...")
+    return {"rpc": endpoints, "tensor_split": split} if endpoints else {}
 
 
 def add_chat_template_arg(p: argparse.ArgumentParser) -> None:
@@ -34,5 +58,19 @@ def add_chat_template_arg(p: argparse.ArgumentParser) -> None:
 
 def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """`Model.load` keyword arguments from the options above."""
-    return {"n_ctx": args.n_ctx, "n_threads": args.threads, "n_gpu_layers": args.gpu_layers,
-            "kv_type": args.kv_type, "flash_attn": args.flash_attn, "chat_template": args.chat_template}
+    kwargs = {"n_ctx": args.n_ctx, "n_threads": args.threads, "n_gpu_layers": args.gpu_layers,
+              "kv_type": args.kv_type, "flash_attn": args.flash_attn, "chat_template": args.chat_template}
+    rpc = rpc_kwargs(args)
+    if rpc and getattr(args, "command", None) == "serve":
+        rpc["isolate"] = True  # a worker dropping mid-answer must not take the server down
+    return {**kwargs, **rpc}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on `host` keeps a service on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

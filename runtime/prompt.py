@@ -2,7 +2,8 @@
 
 `render_prompt` is the one way the runtime builds a prompt: it checks and normalizes the
 conversation once, picks a template that can show it, and renders it in the sandbox
-(sandbox.py). Templates read from model files also render under time and memory limits.
+(sandbox.py). Templates read from model files render in a separate process under OS time and
+memory limits (template_worker.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from r7b.templates import TEMPLATE_NAMES, preambles, template_source
 
 from .sandbox import UNTRUSTED_SECONDS, TemplateError, plain_copy, render
 from .sandbox import render_template_source  # noqa: F401 -- re-exported
+from .template_worker import TemplateWorker, shared_worker
 
 MODES = ("conversational", "instruct")
 SAFETY_MODES = ("contextual", "strict")
@@ -193,7 +195,8 @@ def render_prompt(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping
                   documents: Sequence[Mapping] | None = None, *, template: str = "auto",
                   add_generation_prompt: bool = True, enable_citations: bool = False,
                   mode: str | None = None, safety: str | None = None, normalize: bool = True,
-                  sources: Mapping[str, str] | None = None, **extra: Any) -> str:
+                  sources: Mapping[str, str] | None = None, worker: TemplateWorker | None = None,
+                  **extra: Any) -> str:
     """The prompt string for a conversation, exactly as Command R7B expects it.
 
     `template`: "auto" (see `select_template`) or a name from TEMPLATE_NAMES. `mode`/`safety`
@@ -201,7 +204,8 @@ def render_prompt(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping
     transformers would (None keys dropped, nothing else changed). `extra` become template
     variables; `bos_token` and `eos_token` default to Command R7B's. `sources` replaces the
     built-in templates by name (a model file's own: `r7b.templates.gguf_templates`); they are
-    untrusted code and render under time and memory limits.
+    untrusted code and render in a separate process under time and memory limits: `worker` (a
+    TemplateWorker, one per loaded model), else this process's shared one.
     Raises TemplateError (an R7BError) for any input or template failure.
     """
     msgs = prepare_messages(messages, normalize=normalize)
@@ -217,9 +221,11 @@ def render_prompt(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping
                  "add_generation_prompt": add_generation_prompt, "enable_citations": enable_citations}
     source, label, seconds = _source(name, sources)
     try:
-        return render(source, label, variables, seconds=seconds)
+        if seconds is None:  # the project's own templates: trusted, rendered here
+            return render(source, label, variables)
+        return (worker or shared_worker()).render(source, label, variables, seconds=seconds)
     except TemplateError as exc:
-        raise TemplateError(f"{exc}{_hint(name, tool_list, doc_list)}") from None
+        raise type(exc)(f"{exc}{_hint(name, tool_list, doc_list)}") from None
 
 
 def _source(name: str, sources: Mapping[str, str] | None) -> tuple[str, str, float | None]:

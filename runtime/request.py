@@ -9,6 +9,7 @@ serve is a `RequestError` naming the offending parameter, which a server maps to
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
@@ -22,6 +23,8 @@ from .grammar import PLAN_CHARS, json_response_grammar, tool_call_grammar
 from .protect import Protector
 
 TOOL_CHOICES = ("auto", "none", "required")
+MAX_N = 4  # answers per request (`n`)
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on `top_logprobs`
 MAX_REPEAT = 2000  # llama.cpp's grammar parser refuses larger repetitions anyway
 SIZE_KEYS = frozenset({"minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties"})
 REPEAT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
@@ -61,6 +64,8 @@ class ChatRequest:
     max_tokens: int | None = None  # None: the rest of the context
     sampling: dict[str, Any] = field(default_factory=dict)  # Sampling's fields
     stop: list[str] = field(default_factory=list)
+    n: int = 1  # independent answers to the same prompt (the prompt is evaluated once)
+    logprobs: int | None = None  # None: off; k: each token's log-probability and the k likeliest alternatives
     template: str = "auto"
     mode: str | None = None
     safety: str | None = None
@@ -82,12 +87,18 @@ class PreparedPrompt:
     stop: list[str]
     tool_call_ids: list[str]
     has_documents: bool
+    n: int = 1
+    logprobs: int | None = None
 
 
 def prepare(model: PromptModel, req: ChatRequest) -> PreparedPrompt:
     """Render and tokenize the prompt once, check it fits, and choose the grammar."""
     if req.max_tokens is not None and req.max_tokens < 1:
         raise RequestError("max_tokens must be at least 1", param="max_tokens")
+    if not 1 <= req.n <= MAX_N:
+        raise RequestError(f"n must be between 1 and {MAX_N}", param="n")
+    if req.logprobs is not None and not 0 <= req.logprobs <= MAX_TOP_LOGPROBS:
+        raise RequestError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
     with _client_errors("cannot build the prompt"):
         rendered = model.render(req.messages, req.tools, req.documents, template=req.template, mode=req.mode,
                                 safety=req.safety, enable_citations=req.wants_citations)
@@ -101,7 +112,8 @@ def prepare(model: PromptModel, req: ChatRequest) -> PreparedPrompt:
     return PreparedPrompt(rendered=rendered, tokens=tokens, prefix=prefix,
                           grammar=choose_grammar(req, response_open=not prefix),
                           max_tokens=min(req.max_tokens or room, room), stop=[s for s in req.stop if s],
-                          tool_call_ids=tool_call_ids(req.messages), has_documents=bool(req.documents))
+                          tool_call_ids=tool_call_ids(req.messages), has_documents=bool(req.documents),
+                          n=req.n, logprobs=req.logprobs)
 
 
 @contextlib.contextmanager
@@ -117,6 +129,17 @@ def _client_errors(what: str) -> Iterator[None]:
         raise RequestError(f"{what}: the request holds text that is not valid Unicode") from None
     except RecursionError:
         raise RequestError(f"{what}: the request is nested too deeply") from None
+
+
+def json_or_text(text: str) -> Any:
+    """Tool output that is JSON text of an object or array is shown to the model as JSON; anything else stays text."""
+    if not text.lstrip().startswith(("{", "[")):
+        return text
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+    return value if isinstance(value, (dict, list)) else text
 
 
 def tool_call_ids(messages: list[dict]) -> list[str]:

@@ -41,6 +41,10 @@ class TemplateError(R7BError):
         super().__init__(" ".join(str(message).split()) or "the chat template failed")
 
 
+class TemplateLimitError(TemplateError):
+    """A template that ran past its time or memory limit (a process rendering it should be replaced)."""
+
+
 # -- the sandbox ---------------------------------------------------------------------------
 
 
@@ -78,7 +82,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         """Bound the two operators that turn a short template into gigabytes or hours."""
         if operator == "*":
             sized, count = (left, right) if isinstance(right, int) else (right, left)
-            if isinstance(sized, (str, list, tuple)) and isinstance(count, int):
+            if isinstance(sized, (str, bytes, bytearray, list, tuple)) and isinstance(count, int):
                 if len(sized) * count > MAX_REPEAT_ITEMS:
                     raise SecurityError(f"a chat template may not build sequences over {MAX_REPEAT_ITEMS} items")
         elif operator == "**" and isinstance(right, int) and right > MAX_POWER_EXPONENT:
@@ -166,6 +170,19 @@ class _OverLimit(Exception):
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+_HELD_STATM: int | None = None  # set by the template worker, which may open no files once locked down
+
+
+def hold_statm() -> None:
+    """Keep /proc/self/statm open for good, so that memory checks need no new file descriptor."""
+    global _HELD_STATM
+    if _HELD_STATM is None:
+        try:
+            _HELD_STATM = os.open("/proc/self/statm", os.O_RDONLY)
+        except OSError:
+            pass
+
+
 class _ResidentSize:
     """The process's resident size in bytes, read cheaply enough to check at every template line.
 
@@ -174,8 +191,9 @@ class _ResidentSize:
     """
 
     def __init__(self) -> None:
+        self._own = _HELD_STATM is None
         try:
-            self._fd: int | None = os.open("/proc/self/statm", os.O_RDONLY)
+            self._fd: int | None = os.open("/proc/self/statm", os.O_RDONLY) if self._own else _HELD_STATM
         except OSError:
             self._fd = None
 
@@ -190,7 +208,7 @@ class _ResidentSize:
         return peak if sys.platform == "darwin" else peak * 1024
 
     def close(self) -> None:
-        if self._fd is not None:
+        if self._fd is not None and self._own:
             os.close(self._fd)
 
 
@@ -238,7 +256,7 @@ def render(source: str, label: str, variables: dict[str, Any], *, seconds: float
     except TemplateError:
         raise
     except _OverLimit as exc:
-        raise TemplateError(f"{label} {exc} and was stopped") from None
+        raise TemplateLimitError(f"{label} {exc} and was stopped") from None
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(f"{label} has a syntax error on line {exc.lineno}: {exc.message}") from None
     except SecurityError as exc:
@@ -248,6 +266,9 @@ def render(source: str, label: str, variables: dict[str, Any], *, seconds: float
     except RecursionError:
         raise TemplateError(f"{label} failed: recursion too deep") from None
     except MemoryError:
+        if seconds is not None:  # under limits (the template worker's address-space cap, say)
+            raise TemplateLimitError(f"{label} used more than {UNTRUSTED_MEMORY >> 20} MiB of memory "
+                                     "and was stopped") from None
         raise TemplateError(f"{label} failed: it ran out of memory") from None
     except Exception as exc:  # a template can raise anything Python can (TypeError, ...)
         raise TemplateError(f"{label} failed: {type(exc).__name__}: {exc}") from None
@@ -258,11 +279,18 @@ def render_template_source(source: str, *, seconds: float | None = UNTRUSTED_SEC
 
     Variables are first copied into plain JSON values, so the template cannot call methods of
     whatever objects the caller had. Code execution and data access are blocked, sizes are
-    capped, and the render is stopped after `seconds` (None: no time or memory limit).
+    capped, and the render is stopped after `seconds`. With a limit, the render runs in this
+    process's shared template worker (template_worker.py), a separate process under OS limits;
+    `seconds=None` renders here, with no time or memory limit (for trusted templates only).
     """
     if not isinstance(source, str):
         raise TemplateError("a chat template must be a string")
-    return render(source, "chat template", plain_copy(variables, "template variables"), seconds=seconds)
+    variables = plain_copy(variables, "template variables")
+    if seconds is None:
+        return render(source, "chat template", variables)
+    from .template_worker import shared_worker  # imports this module
+
+    return shared_worker().render(source, "chat template", variables, seconds=seconds)
 
 
 # -- input data ----------------------------------------------------------------------------

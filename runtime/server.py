@@ -3,18 +3,24 @@
 Routes: `POST /v1/chat/completions` (JSON, or server-sent events with `"stream": true`),
 `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, and the OpenAPI document at
 `/openapi.json`. Point an OpenAI client at `http://HOST:PORT/v1`.
+`POST /v2/chat` is Cohere's Chat API v2 (cohere_api.py): point a Cohere client (`cohere.ClientV2`,
+langchain-cohere's `ChatCohere`) at `http://HOST:PORT`; its errors are Cohere's `{"id", "message"}`.
+Pass `model=` to `ChatCohere` (any name): without it, langchain-cohere asks Cohere's model list,
+which this server does not serve.
 
 Command R7B extensions, all optional:
   request    `documents`: objects (or strings) to ground the answer in;
              `citations_enabled` (or `enable_citations`): ask for citations (default: on with documents);
-             `top_k`: top-k sampling.
+             `top_k`, `min_p`: top-k and min-p sampling; `repeat_penalty`, `repeat_last_n` and DRY
+             (`dry_multiplier`, `dry_base`, `dry_allowed_length`, `dry_penalty_last_n`,
+             `dry_sequence_breakers`), named as llama-server names them.
   response   `message.reasoning_content`: the tool plan the model writes before its tool calls;
              `message.citations`: `[{start, end, text, sources: [{tool_call_id, index}]}]`, spans of
              `content` grounded in documents (`tool_call_id` "0") or in tool results.
   stream     deltas carry `reasoning_content` as it is written, and the last chunk's delta `citations`.
 
-This module holds the application, its middleware, routes and command line; the wire format is
-mapped in openai_api.py, prompts are prepared in request.py, and scheduler.py queues requests for
+This module holds the application, its middleware, routes and command line; the wire formats are
+mapped in openai_api.py and cohere_api.py, prompts are prepared in request.py, and scheduler.py queues requests for
 the thread that owns the model.
 `r7b serve --max-tokens N` caps every answer at N tokens, as llama-server's --n-predict does: a
 request asking for more (or for nothing, which means the rest of the context) gets N, and
@@ -31,7 +37,6 @@ import argparse
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -49,10 +54,13 @@ from starlette.exceptions import HTTPException
 from r7b import __version__
 from r7b.errors import R7BError
 
+from . import cohere_schema as co
 from . import openai_schema as oa
+from .cohere_api import EventWriter, error_body as cohere_error_body, to_request as cohere_request
 from .model import ChatResult, Done, Model
 from .openai_api import ChunkWriter, Reply, to_request
-from .options import add_model_options, load_kwargs
+from .remote import WorkerLost
+from .options import add_model_options, is_loopback, load_kwargs
 from .scheduler import EventStream, Scheduler
 
 log = logging.getLogger("r7b.serve")
@@ -74,13 +82,20 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
-    def body(self) -> dict:
+    def body(self, path: str = "") -> dict:
+        """OpenAI's shape, or Cohere's `{"id", "message"}` under /v2/."""
+        if is_cohere_path(path):
+            return cohere_error_body(self.message)
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-async def _send_error(send, error: APIError, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+def is_cohere_path(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
+
+
+async def _send_error(send, error: APIError, headers: Iterable[tuple[bytes, bytes]] = (), path: str = "") -> None:
     """Answer straight from ASGI middleware, before the application has read anything."""
-    body = json.dumps(error.body(), ensure_ascii=False).encode("utf-8")
+    body = json.dumps(error.body(path), ensure_ascii=False).encode("utf-8")
     await send({"type": "http.response.start", "status": error.status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *headers]})
@@ -101,7 +116,7 @@ class ApiKeyMiddleware:
         if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
             error = self._check(scope["headers"])
             if error is not None:
-                await _send_error(send, error, [(b"www-authenticate", b"Bearer")])
+                await _send_error(send, error, [(b"www-authenticate", b"Bearer")], scope["path"])
                 return
         await self.app(scope, receive, send)
 
@@ -133,15 +148,16 @@ class BodyLimitMiddleware:
             return
         too_large = APIError(413, f"request body is larger than {self.max_bytes} bytes", code="request_too_large")
         declared = dict(scope["headers"]).get(b"content-length")
+        path = scope["path"]
         if declared is not None and not declared.isdigit():
-            await _send_error(send, APIError(400, "invalid Content-Length header"))
+            await _send_error(send, APIError(400, "invalid Content-Length header"), path=path)
             return
         if declared is not None and int(declared) > self.max_bytes:
-            await _send_error(send, too_large)
+            await _send_error(send, too_large, path=path)
             return
         body = await self._read(receive)
         if body is None:
-            await _send_error(send, too_large)
+            await _send_error(send, too_large, path=path)
             return
         await self.app(scope, _replay(body, receive), send)
 
@@ -206,6 +222,8 @@ async def _result(stream: EventStream) -> ChatResult:
 def _client_error(exc: BaseException) -> APIError | None:
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, WorkerLost):  # not the client's fault, and it may pass: retry later
+        return APIError(503, str(exc), code=exc.code, type="server_error")
     if isinstance(exc, R7BError):  # the project's "bad input" error, e.g. a grammar llama.cpp rejects
         return APIError(400, str(exc), param=getattr(exc, "param", None), code=getattr(exc, "code", None))
     return None
@@ -230,6 +248,27 @@ async def _sse(first: object, stream: EventStream, writer: ChunkWriter) -> Async
         stream.cancel()
 
 
+async def _cohere_sse(first: object, stream: EventStream, writer: EventWriter) -> AsyncIterator[str]:
+    """Cohere's event stream; a failure after the status line ends it with finish_reason ERROR."""
+    try:
+        yield writer.start()
+        for line in writer.event(first):
+            yield line
+        async for event in stream:
+            for line in writer.event(event):
+                yield line
+    except Exception as exc:
+        error = _client_error(exc)
+        if error is None:
+            log.error("generation failed", exc_info=exc)
+            error = APIError(500, "internal server error", type="server_error")
+        for line in writer.error(error.message):
+            yield line
+    finally:
+        stream.cancel()
+    yield "data: [DONE]\n\n"
+
+
 def _validation_error(errors: list[dict]) -> APIError:
     if not errors:
         return APIError(400, "invalid request")
@@ -242,7 +281,7 @@ def _validation_error(errors: list[dict]) -> APIError:
     if not loc:
         return APIError(400, "the request body must be a JSON object")
     if loc == ["n"]:
-        return APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
+        return APIError(400, f"n must be between 1 and {oa.MAX_N}", param="n", code="unsupported_value")
     return APIError(400, f"{'.'.join(loc)}: {err.get('msg', 'invalid value')}", param=loc[0])
 
 
@@ -264,8 +303,10 @@ def _openapi_schema(app, model_name: str, secured: bool, max_tokens: int | None 
     for param in doc["paths"]["/v1/models/{model_id}"]["get"]["parameters"]:
         param["schema"]["enum"] = [model_name]
     if max_tokens is not None:
-        for name in ("max_tokens", "max_completion_tokens"):
-            prop = schemas["ChatCompletionRequest"]["properties"][name]
+        capped = (("ChatCompletionRequest", "max_tokens"), ("ChatCompletionRequest", "max_completion_tokens"),
+                  ("CohereChatRequest", "max_tokens"))
+        for schema, name in capped:
+            prop = schemas[schema]["properties"][name]
             prop["description"] += f" This server answers with at most {max_tokens} tokens (--max-tokens)."
     if secured:
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
@@ -300,30 +341,30 @@ def create_app(model: Model, *, model_name: str, api_key: str | None = None,
 
 
 def _add_error_handlers(app) -> None:
-    """Every error leaves in OpenAI's shape; FastAPI's 422 for a malformed body becomes OpenAI's 400."""
-    def respond(error: APIError, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    """Every error leaves in OpenAI's shape (Cohere's under /v2/); FastAPI's 422 for a malformed body becomes a 400."""
+    def respond(request: Request, error: APIError, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse(error.body(request.url.path), status_code=error.status, headers=headers)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return respond(exc)
+        return respond(request, exc)
 
     @app.exception_handler(R7BError)
     async def bad_input(request: Request, exc: R7BError) -> JSONResponse:
-        return respond(_client_error(exc))
+        return respond(request, _client_error(exc))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return respond(_validation_error(list(exc.errors())))
+        return respond(request, _validation_error(list(exc.errors())))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return respond(APIError(exc.status_code, str(exc.detail)), getattr(exc, "headers", None))
+        return respond(request, APIError(exc.status_code, str(exc.detail)), getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Starlette re-raises after answering, so the traceback reaches the server log, not the client.
-        return respond(APIError(500, "internal server error", type="server_error"))
+        return respond(request, APIError(500, "internal server error", type="server_error"))
 
 
 def _add_routes(app, scheduler: Scheduler, model_name: str, max_tokens: int | None) -> None:
@@ -360,6 +401,23 @@ def _add_routes(app, scheduler: Scheduler, model_name: str, max_tokens: int | No
         return StreamingResponse(_sse(first, stream, ChunkWriter(reply)), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
 
+    cohere_errors = {code: {"model": co.CohereError} for code in (400, 401, 413, 500, 503)}
+
+    @app.post("/v2/chat", response_model=co.CohereChatResponse, tags=["cohere"],
+              responses={**cohere_errors, 200: {"content": {"text/event-stream": {"schema": co.SSE_EVENT}}}})
+    async def cohere_chat(body: co.CohereChatRequest, request: Request):
+        """Cohere's Chat API v2; `model` may name anything."""
+        chat, reply = cohere_request(body, max_tokens)
+        stream = scheduler.submit(chat)
+        async with cancel_on_disconnect(request, stream):
+            if not body.stream:
+                return JSONResponse(reply.response(await _result(stream)))
+            first = await anext(stream, None)  # errors found before any output still get their status
+        if first is None:
+            raise APIError(503, "the generation was cancelled", type="server_error")
+        return StreamingResponse(_cohere_sse(first, stream, EventWriter(reply)), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
+
 
 def _check_model(name: str | None, served: str) -> None:
     if name is not None and name != served:
@@ -387,15 +445,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=int, metavar="N", default=DEFAULT_MAX_BODY,
                    help=f"largest request body accepted (default {DEFAULT_MAX_BODY})")
     p.set_defaults(func=_serve_main)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _check_args(args: argparse.Namespace) -> None:

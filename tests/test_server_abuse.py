@@ -80,7 +80,7 @@ def run_bounded(strategy: st.SearchStrategy, examples: int, body: Callable, pinn
 # -- 1. schema fuzz --------------------------------------------------------------------------------
 
 # (positive, negative) examples per operation; /health has nothing to make invalid.
-FUZZ_EXAMPLES = {"GET /health": (5, 0), "POST /v1/chat/completions": (120, 60)}
+FUZZ_EXAMPLES = {"GET /health": (5, 0), "POST /v1/chat/completions": (120, 60), "POST /v2/chat": (80, 40)}
 FUZZ_DEFAULT = (15, 15)
 
 
@@ -111,7 +111,7 @@ def test_schema_fuzz(server, request):
     total = sum(sum(c.values()) for c in statuses.values())
     per_op = "; ".join(f"{label} {sum(c.values())} {dict(sorted(c.items()))}" for label, c in statuses.items())
     report(request, "HTTP fuzz", f"{total} requests, 0 failures ({per_op})")
-    assert len(statuses) == 4 and total >= 200
+    assert len(statuses) == 5 and total >= 300 and "POST /v2/chat" in statuses
     assert_healthy(server)
 
 
@@ -262,6 +262,107 @@ def test_hostile_bodies(server, request):
 
     run_bounded(hostile_requests, 150, send, PINNED)
     report(request, "hostile bodies", f"{sum(statuses.values())} requests, statuses {dict(sorted(statuses.items()))}")
+    assert_healthy(server)
+
+
+# The same for Cohere's v2 chat: its own fields, and its own error shape.
+def _v2_request() -> dict:
+    return {"model": "command-r7b", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
+
+
+V2_FIELDS = ["model", "messages", "documents", "tools", "tool_choice", "strict_tools", "citation_options",
+             "response_format", "safety_mode", "max_tokens", "stop_sequences", "temperature", "seed", "k", "p",
+             "frequency_penalty", "presence_penalty", "logprobs", "thinking", "priority", "stream"]
+V2_NUMBER_FIELDS = ["temperature", "p", "k", "max_tokens", "seed", "frequency_penalty", "presence_penalty",
+                    "priority"]
+V2_CALL = {"role": "assistant", "tool_plan": "p", "tool_calls": [{"id": RAW, "type": "function",
+                                                                  "function": {"name": "f", "arguments": "{}"}}]}
+V2_TEXT_SLOTS = [
+    {"messages": [{"role": "user", "content": RAW}]}, {"messages": [{"role": "system", "content": RAW}, HELLO[0]]},
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": RAW}]}]}, {"model": RAW},
+    {"stop_sequences": [RAW]}, {"documents": [RAW]}, {"documents": [{"id": RAW, "data": {"text": "t"}}]},
+    {"documents": [{"data": RAW}]}, {"tools": [{"type": "function", "function": {"name": "f", "description": RAW}}]},
+    {"messages": [HELLO[0], V2_CALL, {"role": "tool", "tool_call_id": RAW, "content": RAW}]},
+    {"messages": [HELLO[0], V2_CALL, {"role": "tool", "tool_call_id": RAW, "content": [
+        {"type": "document", "document": {"id": RAW, "data": {"t": RAW}}}]}]},
+]
+V2_NESTING_SLOTS = [
+    {"documents": [{"data": RAW}]}, {"messages": [{"role": "user", "content": RAW}]},
+    {"tools": [{"type": "function", "function": {"name": "f", "parameters": RAW}}], "tool_choice": "REQUIRED"},
+    {"response_format": {"type": "json_object", "json_schema": RAW}},
+    {"response_format": {"type": "json_object", "schema": RAW}},
+    {"messages": [HELLO[0], {**V2_CALL, "tool_calls": [{"id": "1", "function": {"name": "f", "arguments": RAW}}]}]},
+]
+
+
+@st.composite
+def v2_hostile(draw) -> bytes:
+    kind = draw(st.integers(0, 5))
+    body = _v2_request()
+    if kind == 0:
+        body[draw(st.sampled_from(V2_FIELDS))] = draw(json_values)
+        return _encode(body)
+    if kind == 1:
+        field = draw(st.sampled_from(["role", "content", "tool_calls", "tool_call_id", "tool_plan", "citations"]))
+        body["messages"][0][field] = draw(json_values)
+        return _encode(body)
+    if kind == 2:
+        return _encode({**body, draw(st.sampled_from(V2_NUMBER_FIELDS)): RAW}, draw(st.sampled_from(NUMBERS)).encode())
+    if kind == 3:
+        depth = draw(st.integers(1, 6000))
+        raw = b"[" * depth + b"]" * depth if draw(st.booleans()) else b'{"a":' * depth + b"0" + b"}" * depth
+        return _encode({**body, **draw(st.sampled_from(V2_NESTING_SLOTS))}, raw)
+    if kind == 4:
+        raw = draw(st.sampled_from(BAD_TEXT + [None]))
+        raw = json.dumps(draw(st.text(max_size=20))).encode() if raw is None else raw
+        return _encode({**body, **draw(st.sampled_from(V2_TEXT_SLOTS))}, raw)
+    params = draw(st.sampled_from(BAD_SCHEMAS) | st.dictionaries(st.text(max_size=6), json_values, max_size=4))
+    name = draw(st.sampled_from(["f", "get_weather", "", "a" * 65, "x y", "<|END_OF_TURN_TOKEN|>"]))
+    body["tools"] = [{"type": "function", "function": {"name": name, "parameters": params}}]
+    choice = draw(st.sampled_from([None, "REQUIRED", "NONE", "required", "auto"]))
+    if choice is not None:
+        body["tool_choice"] = choice
+    if draw(st.booleans()):
+        body["strict_tools"] = True
+    if draw(st.booleans()):
+        body["response_format"] = {"type": "json_object", draw(st.sampled_from(["json_schema", "schema"])): params}
+    return _encode(body)
+
+
+v2_hostile_bodies = st.one_of(json_values.map(_encode), v2_hostile(), v2_hostile(), v2_hostile(),
+                              st.builds(lambda b: _encode({**_v2_request(), "stream": b}), st.booleans()),
+                              st.binary(max_size=64))
+v2_hostile_requests = st.tuples(v2_hostile_bodies, st.sampled_from(CONTENT_TYPES), auth_headers)
+
+
+def test_hostile_bodies_v2(server, request):
+    """/v2/chat: below 500 whatever arrives, a 4xx in Cohere's {"id", "message"} shape, a stream ends in [DONE]."""
+    statuses: Counter = Counter()
+
+    def send(example: tuple[bytes, str, bytes | None]) -> None:
+        body, content_type, auth = example
+        headers = {"Content-Type": content_type} if content_type else {}
+        if auth is not None:
+            headers["Authorization"] = auth
+        response = requests.post(server.url + "/v2/chat", data=body, headers=headers, timeout=60)
+        statuses[response.status_code] += 1
+        assert response.status_code < 500, response.text
+        if auth != GOOD_AUTH:
+            assert response.status_code == 401, response.text
+        if response.status_code >= 400:
+            error = response.json()
+            assert set(error) == {"id", "message"} and isinstance(error["message"], str) and error["message"]
+        elif response.headers["content-type"].startswith("text/event-stream"):
+            assert response.text.endswith("data: [DONE]\n\n") and response.text.isascii(), response.text
+        else:
+            assert response.status_code == 200 and response.json()["message"]["role"] == "assistant"
+        assert requests.get(server.url + "/health", timeout=5).json() == {"status": "ok"}
+
+    pinned = tuple((_encode({**_v2_request(), **overlay}, b'"\\ud800"'), "application/json", GOOD_AUTH)
+                   for overlay in V2_TEXT_SLOTS)
+    run_bounded(v2_hostile_requests, 150, send, pinned)
+    report(request, "hostile bodies /v2/chat",
+           f"{sum(statuses.values())} requests, statuses {dict(sorted(statuses.items()))}")
     assert_healthy(server)
 
 
