@@ -61,8 +61,8 @@ def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs = {"n_ctx": args.n_ctx, "n_threads": args.threads, "n_gpu_layers": args.gpu_layers,
               "kv_type": args.kv_type, "flash_attn": args.flash_attn, "chat_template": args.chat_template}
     rpc = rpc_kwargs(args)
-    if rpc and getattr(args, "command", None) == "serve":
-        rpc["isolate"] = True  # a worker dropping mid-answer must not take the server down
+    if rpc and getattr(args, "command", None) in ("serve", "chat", "generate"):
+        rpc["isolate"] = True  # a worker dropping mid-answer is one error line, and serve stays up
     return {**kwargs, **rpc}
 
 

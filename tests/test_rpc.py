@@ -129,6 +129,16 @@ def test_eval_figures_equal(model_path, workers, held_out_text, tmp_path):
         assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), key
 
 
+def test_generate_over_rpc_matches_local(model_path, workers):
+    """`r7b generate --rpc` runs the model in its supervised child process and answers as a local run does."""
+    args = ["generate", str(model_path), "--prompt", "Hello", "--temperature", "0", "--max-tokens", "24",
+            "--n-ctx", "512", "--threads", "1"]
+    local = _r7b(*args)
+    split = _r7b(*args, "--rpc", ",".join(w.endpoint for w in workers))
+    assert local.returncode == 0 and split.returncode == 0, split.stderr
+    assert split.stdout == local.stdout and local.stdout.strip()
+
+
 def test_unreachable_worker_is_one_line(model_path):
     dead = f"127.0.0.1:{_free_port()}"
     out = _r7b("generate", str(model_path), "--prompt", "Hello", "--rpc", dead, timeout=60)
