@@ -8,7 +8,8 @@ wheels="$cache/wheels"
 python=${PYTHON:-python3}
 mkdir -p "$wheels"
 
-has_rpc() { "$python" -m zipfile -l "$1" 2>/dev/null | grep -q 'libggml-rpc'; }
+# The listing is read whole first: `grep -q` stopping early would make pipefail report a failure.
+has_rpc() { local listing; listing=$("$python" -m zipfile -l "$1" 2>/dev/null) && grep -q 'libggml-rpc' <<<"$listing"; }
 
 wheel=$(ls "$wheels"/llama_cpp_python-"$version"-*.whl 2>/dev/null | head -n1 || true)
 if [ -n "$wheel" ] && ! has_rpc "$wheel"; then
