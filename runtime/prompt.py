@@ -16,8 +16,7 @@ from r7b.cohere2 import BOS_TOKEN, END_OF_TURN
 from r7b.templates import TEMPLATE_NAMES, preambles, template_source
 
 from .sandbox import UNTRUSTED_SECONDS, TemplateError, plain_copy, render
-from .sandbox import render_template_source  # noqa: F401 -- re-exported
-from .template_worker import TemplateWorker, shared_worker
+from .template_worker import TemplateWorker, render_template_source, shared_worker  # noqa: F401 -- re-exported
 
 MODES = ("conversational", "instruct")
 SAFETY_MODES = ("contextual", "strict")

@@ -24,6 +24,7 @@ from r7b import rpc
 from r7b.errors import R7BError
 
 from .request import RequestError
+from .turn import TurnAPI
 
 METADATA_KEYS = ("general.name", "general.architecture", "general.file_type")
 
@@ -99,7 +100,7 @@ class RemoteEngine:
         return self._metadata.get(key)
 
 
-class RemoteModel:
+class RemoteModel(TurnAPI):
     """A `Model` loaded in a supervised child process (see the module docstring). One call at a time."""
 
     def __init__(self, path: str | os.PathLike, kwargs: dict):
@@ -239,10 +240,6 @@ class RemoteModel:
                     except (EOFError, OSError):
                         pass
 
-    def chat(self, *args: Any, **kwargs: Any) -> Any:
-        from .model import Model
-
-        return Model.chat(self, *args, **kwargs)
 
 
 def _how(code: int | None) -> str:

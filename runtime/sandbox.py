@@ -274,25 +274,6 @@ def render(source: str, label: str, variables: dict[str, Any], *, seconds: float
         raise TemplateError(f"{label} failed: {type(exc).__name__}: {exc}") from None
 
 
-def render_template_source(source: str, *, seconds: float | None = UNTRUSTED_SECONDS, **variables: Any) -> str:
-    """Render any template string (for example one read from a GGUF file) in the sandbox.
-
-    Variables are first copied into plain JSON values, so the template cannot call methods of
-    whatever objects the caller had. Code execution and data access are blocked, sizes are
-    capped, and the render is stopped after `seconds`. With a limit, the render runs in this
-    process's shared template worker (template_worker.py), a separate process under OS limits;
-    `seconds=None` renders here, with no time or memory limit (for trusted templates only).
-    """
-    if not isinstance(source, str):
-        raise TemplateError("a chat template must be a string")
-    variables = plain_copy(variables, "template variables")
-    if seconds is None:
-        return render(source, "chat template", variables)
-    from .template_worker import shared_worker  # imports this module
-
-    return shared_worker().render(source, "chat template", variables, seconds=seconds)
-
-
 # -- input data ----------------------------------------------------------------------------
 
 

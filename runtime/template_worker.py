@@ -40,7 +40,7 @@ import threading
 import time
 from typing import Any
 
-from .sandbox import UNTRUSTED_MEMORY, UNTRUSTED_SECONDS, TemplateError, TemplateLimitError
+from .sandbox import UNTRUSTED_MEMORY, UNTRUSTED_SECONDS, TemplateError, TemplateLimitError, plain_copy, render
 
 KILL_GRACE = 0.5  # seconds the parent waits past a render's limit before it kills the worker
 START_SECONDS = 30.0  # for the worker to start and lock itself down
@@ -518,3 +518,20 @@ def _read_all(fd: int, n: int) -> bytes:
             raise EOFError()
         buf += chunk
     return bytes(buf)
+
+
+def render_template_source(source: str, *, seconds: float | None = UNTRUSTED_SECONDS, **variables: Any) -> str:
+    """Render any template string (for example one read from a GGUF file) in the sandbox.
+
+    Variables are first copied into plain JSON values, so the template cannot call methods of
+    whatever objects the caller had. Code execution and data access are blocked, sizes are
+    capped, and the render is stopped after `seconds`. With a limit, the render runs in this
+    process's shared template worker (template_worker.py), a separate process under OS limits;
+    `seconds=None` renders here, with no time or memory limit (for trusted templates only).
+    """
+    if not isinstance(source, str):
+        raise TemplateError("a chat template must be a string")
+    variables = plain_copy(variables, "template variables")
+    if seconds is None:
+        return render(source, "chat template", variables)
+    return shared_worker().render(source, "chat template", variables, seconds=seconds)
