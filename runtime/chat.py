@@ -11,8 +11,9 @@ from typing import Any
 
 from r7b.errors import R7BError
 
-from .model import ChatSession, Done, Model
+from .model import ChatSession, Done
 from .options import add_model_options, load_kwargs
+from .remote import load_model
 from .parse import TextDelta, ThinkingDelta, ToolCallEvent
 
 HELP = "commands: /reset  /save FILE  /load FILE  /exit  (Ctrl-D exits)"
@@ -55,7 +56,7 @@ def _read_json_list(path: str | None, what: str) -> list | None:
 
 
 def _load(args: argparse.Namespace):
-    model = Model.load(args.model, **load_kwargs(args))
+    model = load_model(args.model, **load_kwargs(args))
     return ChatSession(model, system=args.system, tools=_read_json_list(args.tools, "tools"),
                        documents=_read_json_list(args.documents, "documents"), mode=args.mode,
                        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)

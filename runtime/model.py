@@ -87,7 +87,7 @@ class Model(TurnAPI):
              n_gpu_layers: int = 0, kv_type: str = "f16", swa_full: bool = False, n_batch: int = 512,
              flash_attn: str = "auto", check_memory: bool = True, chat_template: str = "builtin",
              verbose: bool = False, rpc: Sequence[str] | str | None = None,
-             tensor_split: Sequence[float] | str | None = None, isolate: bool = False) -> "Model":
+             tensor_split: Sequence[float] | str | None = None) -> "Model":
         """Load a GGUF. CPU by default; n_gpu_layers=-1 offloads all layers (Metal, CUDA) where built.
 
         `chat_template="gguf"` formats prompts with the file's own templates instead of the
@@ -95,9 +95,9 @@ class Model(TurnAPI):
 
         `rpc=["host:port", ...]` shares the layers between this CPU and `r7b worker`s (llama.cpp's
         RPC backend), by each device's free memory or by `tensor_split` (this machine first, then
-        each worker). A worker that drops mid-answer makes llama.cpp abort the process; with
-        `isolate=True` the model runs in a supervised child process instead (runtime/remote.py),
-        and such a failure becomes an R7BError for that request only.
+        each worker). A worker that drops mid-answer makes llama.cpp abort the process;
+        `remote.load_model(..., isolate=True)` runs the model in a supervised child process
+        instead, where such a failure becomes an R7BError for that request only.
         """
         from r7b import rpc as rpc_mod
 
@@ -105,13 +105,6 @@ class Model(TurnAPI):
         split = rpc_mod.parse_split(tensor_split)
         if split is not None and not endpoints:
             raise R7BError("tensor_split needs RPC workers (rpc=[...] / --rpc HOST:PORT,...)")
-        if endpoints and isolate:
-            from .remote import RemoteModel
-
-            return RemoteModel.start(path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                                     kv_type=kv_type, swa_full=swa_full, n_batch=n_batch, flash_attn=flash_attn,
-                                     check_memory=check_memory, chat_template=chat_template, verbose=verbose,
-                                     rpc=endpoints, tensor_split=split)
         path = Path(path)
         if not path.is_file():
             raise R7BError(f"no such model file: {path}")

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 from r7b import rpc
 from r7b.errors import R7BError
 
+from .model import Model
 from .request import RequestError
 from .turn import TurnAPI
 
@@ -46,8 +47,6 @@ def _error(exc: BaseException) -> tuple:
 def _child(conn: Any, path: str, kwargs: dict) -> None:
     os.environ["GGML_NO_BACKTRACE"] = "1"  # no gdb attached to print a backtrace when llama.cpp aborts
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    from .model import Model
-
     try:
         model = Model.load(path, **kwargs)
     except BaseException as exc:
@@ -256,3 +255,10 @@ def _rebuild(payload: tuple) -> Exception:
     if is_r7b:
         return R7BError(message)
     return RuntimeError(f"{name}: {message}")
+
+
+def load_model(path: str | os.PathLike, *, isolate: bool = False, **kwargs: Any) -> "Model | RemoteModel":
+    """`Model.load(path, **kwargs)`, or with `isolate` and RPC workers, the same model in a supervised child."""
+    if isolate and kwargs.get("rpc"):
+        return RemoteModel.start(path, **kwargs)
+    return Model.load(path, **kwargs)

@@ -59,7 +59,7 @@ from . import openai_schema as oa
 from .cohere_api import EventWriter, error_body as cohere_error_body, to_request as cohere_request
 from .model import ChatResult, Done, Model
 from .openai_api import ChunkWriter, Reply, to_request
-from .remote import WorkerLost
+from .remote import WorkerLost, load_model
 from .options import add_model_options, is_loopback, load_kwargs
 from .scheduler import EventStream, Scheduler
 
@@ -461,7 +461,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _serve_main(args: argparse.Namespace) -> int:
     _check_args(args)
-    model = Model.load(args.model, **load_kwargs(args))
+    model = load_model(args.model, **load_kwargs(args))
     name = args.model_name or model.engine.metadata("general.name") or Path(args.model).stem
     app = create_app(model, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                      max_tokens=args.max_tokens)
