@@ -308,6 +308,10 @@ class EventWriter:
         return [*self._close_content(), _sse({"type": "message-end", "delta": {
             "finish_reason": "ERROR", "error": message, "usage": _usage(None)}})]
 
+    def failure(self, message: str, body: dict) -> list[str]:
+        """The stream's last lines when generation fails after the status line was sent."""
+        return [*self.error(message), "data: [DONE]\n\n"]
+
     def _open_content(self) -> list[str]:
         if self.content != "none":
             return []

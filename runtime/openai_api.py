@@ -164,6 +164,10 @@ class ChunkWriter:
     def start(self) -> str:
         return self.reply.chunk({"role": "assistant", "content": ""})
 
+    def failure(self, message: str, body: dict) -> list[str]:
+        """The stream's last line when generation fails after the status line: the error body, as OpenAI does."""
+        return [f"data: {json.dumps(body)}\n\n"]
+
     def event(self, event: object) -> list[str]:
         if isinstance(event, TokenLogprob):
             self.logprobs.append(event.entry)

@@ -229,7 +229,9 @@ def _client_error(exc: BaseException) -> APIError | None:
     return None
 
 
-async def _sse(first: object, stream: EventStream, writer: ChunkWriter) -> AsyncIterator[str]:
+async def _sse(first: object, stream: EventStream, writer: ChunkWriter | EventWriter) -> AsyncIterator[str]:
+    """One answer's event stream in the writer's wire format; a failure after the status line is
+    reported inside the stream, as each format does."""
     try:
         yield writer.start()
         for line in writer.event(first):
@@ -238,35 +240,15 @@ async def _sse(first: object, stream: EventStream, writer: ChunkWriter) -> Async
             for line in writer.event(event):
                 yield line
         yield "data: [DONE]\n\n"
-    except Exception as exc:  # the status line is gone already: report in the stream, as OpenAI does
-        error = _client_error(exc)
-        if error is None:
-            log.error("generation failed", exc_info=exc)
-            error = APIError(500, "internal server error", type="server_error")
-        yield f"data: {json.dumps(error.body())}\n\n"
-    finally:
-        stream.cancel()
-
-
-async def _cohere_sse(first: object, stream: EventStream, writer: EventWriter) -> AsyncIterator[str]:
-    """Cohere's event stream; a failure after the status line ends it with finish_reason ERROR."""
-    try:
-        yield writer.start()
-        for line in writer.event(first):
-            yield line
-        async for event in stream:
-            for line in writer.event(event):
-                yield line
     except Exception as exc:
         error = _client_error(exc)
         if error is None:
             log.error("generation failed", exc_info=exc)
             error = APIError(500, "internal server error", type="server_error")
-        for line in writer.error(error.message):
+        for line in writer.failure(error.message, error.body()):
             yield line
     finally:
         stream.cancel()
-    yield "data: [DONE]\n\n"
 
 
 def _validation_error(errors: list[dict]) -> APIError:
@@ -415,7 +397,7 @@ def _add_routes(app, scheduler: Scheduler, model_name: str, max_tokens: int | No
             first = await anext(stream, None)  # errors found before any output still get their status
         if first is None:
             raise APIError(503, "the generation was cancelled", type="server_error")
-        return StreamingResponse(_cohere_sse(first, stream, EventWriter(reply)), media_type="text/event-stream",
+        return StreamingResponse(_sse(first, stream, EventWriter(reply)), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
 
 

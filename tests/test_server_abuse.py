@@ -238,16 +238,22 @@ PINNED = tuple((_encode({**_request(), **overlay}, b'"\\ud800"'), "application/j
                      "tool_choice": {"type": "function", "function": {"name": RAW}}}))
 
 
+def _post(server, path: str, example: tuple[bytes, str, bytes | None]) -> requests.Response:
+    """Send one hostile example: body, content type (none when empty) and Authorization value (none when None)."""
+    body, content_type, auth = example
+    headers = {"Content-Type": content_type} if content_type else {}
+    if auth is not None:
+        headers["Authorization"] = auth
+    return requests.post(server.url + path, data=body, headers=headers, timeout=60)
+
+
 def test_hostile_bodies(server, request):
     """Whatever arrives, the answer is below 500, a 4xx has OpenAI's error shape, and /health still answers."""
     statuses: Counter = Counter()
 
     def send(example: tuple[bytes, str, bytes | None]) -> None:
-        body, content_type, auth = example
-        headers = {"Content-Type": content_type} if content_type else {}
-        if auth is not None:
-            headers["Authorization"] = auth
-        response = requests.post(server.url + "/v1/chat/completions", data=body, headers=headers, timeout=60)
+        _, _, auth = example
+        response = _post(server, "/v1/chat/completions", example)
         statuses[response.status_code] += 1
         assert response.status_code < 500, response.text
         if auth != GOOD_AUTH:
@@ -340,11 +346,8 @@ def test_hostile_bodies_v2(server, request):
     statuses: Counter = Counter()
 
     def send(example: tuple[bytes, str, bytes | None]) -> None:
-        body, content_type, auth = example
-        headers = {"Content-Type": content_type} if content_type else {}
-        if auth is not None:
-            headers["Authorization"] = auth
-        response = requests.post(server.url + "/v2/chat", data=body, headers=headers, timeout=60)
+        _, _, auth = example
+        response = _post(server, "/v2/chat", example)
         statuses[response.status_code] += 1
         assert response.status_code < 500, response.text
         if auth != GOOD_AUTH:
