@@ -8,15 +8,23 @@ token has at least ctx/2 tokens of context.
 
 The reference runs once. Its log-probabilities at the scored positions go to a memory-mapped
 file, with the token ids and ctx they belong to; each model then runs chunk by chunk against that
-file, so memory stays at one chunk's logits whatever the vocabulary. The file can be kept
-(`--save-reference`) and reused (`--load-reference`). A row of log-probabilities is stored as the
-float32 logits plus the row's float64 log-normalizer: the size of float32 log-probabilities
-(4 * n_vocab bytes, about 1 MiB a position for Command R7B) without their rounding, which moved
-the mean KL divergence of a Q8_0 stand-in by 2 parts in 1e5.
+file, so memory stays at one chunk's rows whatever the vocabulary. The file can be kept
+(`--save-reference`) and reused (`--load-reference`). Before the reference pass the command states
+the file's size and refuses, in one line, when its file system (the temporary folder's without
+`--save-reference`) lacks the room.
 
-llama-perplexity's base file holds 16-bit log-probabilities and its KL sum leaves out terms with
-p_ref < e^-16; here the sum runs over the whole vocabulary and everything after the logits is
-float64. The definitions of the figures are otherwise its own.
+A row holds 16-bit log-probabilities, as llama-perplexity's base file does (2 bytes a token, about
+500 KiB a position for Command R7B; see `reference.py`), plus the true token's float64
+log-probability and the reference's top token. PPL, PPL ratio, Δp and same-top are therefore
+exact; the KL divergence is computed from the 16-bit row renormalized over the tokens it keeps
+(all within 32 nats of the top). Each token's KL divergence is then within
+(s + t) * E_p|log p/q| + t * max|log p/q| over the tokens left out + (s + t)^2 + t of the float64
+value from the full logits, where s <= 4.9e-4 is the row's code step and t <= n_vocab * e^-32 the
+weight left out: about 5e-4 * E_p|log p/q| + 3e-7 (derived in tests/test_reference_store.py).
+
+llama-perplexity's KL sum leaves out terms with p_ref < e^-16; here it leaves out those below
+e^-32 times the top probability, and everything after the codes is float64. The definitions of
+the figures are otherwise its own.
 """
 
 from __future__ import annotations
@@ -35,11 +43,11 @@ import numpy as np
 from tqdm import tqdm
 
 from r7b.errors import R7BError
-from r7b.fsutil import atomic_output, check_output_path
+from r7b.fsutil import atomic_output, check_output_path, existing_folder, format_size
 from r7b.runtime.options import add_rpc_options, rpc_kwargs
 
-from .kld import TokenScores, log_normalizer, score_rows, summarize
-from .reference import ReferenceLogProbs, vocab_difference, vocab_digest
+from .kld import TokenScores, score_rows, summarize
+from .reference import ReferenceLogProbs, decode_rows, encode_rows, vocab_difference, vocab_digest
 from .report import markdown_table, plot_kld
 from .results import FileInfo, ModelQuality, file_info
 from .scorer import KV_TYPES, Scorer
@@ -88,14 +96,13 @@ def _chunk_bar(n: int, desc: str, settings: EvalSettings) -> tqdm:
 
 
 def compute_reference(llm: Scorer, store: ReferenceLogProbs, settings: EvalSettings) -> None:
-    """Fill `store` with the reference's logits and log-normalizers, one chunk at a time."""
+    """Fill `store` with the reference's 16-bit rows, one chunk at a time."""
     for c in _chunk_bar(store.n_chunks, f"reference {llm.path.name}", settings):
+        targets = store.targets(c)
         for pos, logits in llm.scored_logits(store.chunk_input(c, llm.bos), store.first):
-            r0 = store.row(c, pos)
+            r0, t0 = store.row(c, pos), pos - store.first
             for b in _row_blocks(len(logits), store.n_vocab):
-                rows = slice(r0 + b.start, r0 + b.stop)
-                store.logits[rows] = logits[b]
-                store.lognorm[rows] = log_normalizer(logits[b])
+                store.rows[r0 + b.start:r0 + b.stop] = encode_rows(logits[b], targets[t0 + b.start:t0 + b.stop])
     store.flush()
 
 
@@ -107,9 +114,8 @@ def score_model(llm: Scorer, store: ReferenceLogProbs, n_chunks: int, settings: 
         for pos, logits in llm.scored_logits(store.chunk_input(c, llm.bos), store.first):
             r0, t0 = store.row(c, pos), pos - store.first
             for b in _row_blocks(len(logits), store.n_vocab):
-                rows = slice(r0 + b.start, r0 + b.stop)
-                parts.append(score_rows(logits[b], store.logits[rows], store.lognorm[rows],
-                                        targets[t0 + b.start:t0 + b.stop]))
+                ref = decode_rows(store.rows[r0 + b.start:r0 + b.stop])
+                parts.append(score_rows(logits[b], ref, targets[t0 + b.start:t0 + b.stop]))
     return TokenScores.concat(parts)
 
 
@@ -162,11 +168,24 @@ def _check_saved(store: ReferenceLogProbs, reference: Path | None, models: Seque
     return s.chunks or store.n_chunks
 
 
+SAVE_HINT = " (fewer --chunks, or another folder)"
+TEMP_HINT = " (fewer --chunks, --save-reference on a bigger disk, or TMPDIR set to one)"
+
+
+def _announce(store: ReferenceLogProbs, s: EvalSettings) -> None:
+    """Say what the reference file takes, before the long pass that fills it."""
+    if s.progress:
+        size = ReferenceLogProbs.file_bytes(store.ctx, store.n_chunks, store.n_vocab)
+        print(f"reference log-probs: {store.n_rows} scored tokens x {store.rows.itemsize} bytes = "
+              f"{format_size(size)} ({size} bytes) in {existing_folder(store.path)}", file=sys.stderr)
+
+
 def _compute_store(path: Path, reference: Path, tokens: np.ndarray, ref_texts: list[bytes],
-                   s: EvalSettings) -> ReferenceLogProbs:
+                   s: EvalSettings, hint: str = SAVE_HINT) -> ReferenceLogProbs:
     ctx = s.ctx or DEFAULT_CTX
     store = ReferenceLogProbs.create(path, tokens, ctx=ctx, n_vocab=len(ref_texts),
-                                     vocab_sha256=vocab_digest(ref_texts), reference=reference.name)
+                                     vocab_sha256=vocab_digest(ref_texts), reference=reference.name, hint=hint)
+    _announce(store, s)
     with Scorer(reference, ctx=ctx, threads=s.threads, kv_type=s.kv_type, configure=_placement(reference, s)) as llm:
         compute_reference(llm, store, s)
     return store
@@ -190,7 +209,7 @@ def _reference_store(reference: Path | None, text: str | None, models: Sequence[
     fd, tmp = tempfile.mkstemp(prefix="r7b-eval-", suffix=".logprobs")
     os.close(fd)
     try:
-        store = _compute_store(Path(tmp), reference, tokens, ref_texts, s)
+        store = _compute_store(Path(tmp), reference, tokens, ref_texts, s, hint=TEMP_HINT)
         yield store, store.n_chunks
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -258,7 +277,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="KV cache type (default f32, so the cache adds no error of its own)")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per model")
     p.add_argument("--plot", metavar="OUT.png", help="plot mean KL divergence against bits per weight")
-    p.add_argument("--save-reference", metavar="FILE", help="keep the reference's log-probs for later runs")
+    p.add_argument("--save-reference", metavar="FILE",
+                   help="keep the reference's log-probs for later runs (2 bytes per vocabulary entry and scored token)")
     p.add_argument("--load-reference", metavar="FILE", help="reuse log-probs saved by --save-reference")
     p.add_argument("--force", action="store_true", help="overwrite existing --plot / --save-reference files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

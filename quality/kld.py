@@ -1,7 +1,8 @@
 """KL divergence and friends: the per-token scores of a model against a reference, and their summary.
 
 The figures and their uncertainties are defined as llama-perplexity --kl-divergence defines them;
-everything after the logits is float64, and the KL sum runs over the whole vocabulary.
+everything after the logits (or the reference's 16-bit codes) is float64, and the KL sum runs over
+every token the reference kept (see reference.py).
 """
 
 from __future__ import annotations
@@ -63,16 +64,31 @@ class TokenScores:
         return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
 
 
-def score_rows(logits: np.ndarray, ref_logits: np.ndarray, ref_lognorm: np.ndarray,
-               targets: np.ndarray) -> TokenScores:
+@dataclass(frozen=True)
+class ReferenceRows:
+    """The reference at some scored positions, as scoring needs it: its distribution (log p and p,
+    where p may be 0 for tokens a compact store left out), and, exactly, the true token's log p
+    and the most likely token, so that PPL and same-top carry no storage error."""
+
+    logp: np.ndarray
+    p: np.ndarray
+    target_logp: np.ndarray
+    top: np.ndarray
+
+    @classmethod
+    def from_logits(cls, logits: np.ndarray, targets: np.ndarray) -> ReferenceRows:
+        """The exact float64 rows, straight from logits."""
+        lp = log_softmax(logits)
+        return cls(lp, np.exp(lp), lp[np.arange(len(targets)), targets], logits.argmax(axis=1))
+
+
+def score_rows(logits: np.ndarray, ref: ReferenceRows, targets: np.ndarray) -> TokenScores:
     """Compare a model's logits with the reference's, one row per scored position."""
     lp = log_softmax(logits)
-    ref = ref_logits.astype(np.float64) - ref_lognorm[:, None]
-    rows = np.arange(len(targets))
-    kld = (np.exp(ref) * (ref - lp)).sum(axis=1)
-    nll, nll_ref = -lp[rows, targets], -ref[rows, targets]
+    kld = (ref.p * (ref.logp - lp)).sum(axis=1)
+    nll, nll_ref = -lp[np.arange(len(targets)), targets], -ref.target_logp
     dp = np.exp(-nll) - np.exp(-nll_ref)
-    return TokenScores(nll, nll_ref, kld, dp, logits.argmax(axis=1) == ref_logits.argmax(axis=1))
+    return TokenScores(nll, nll_ref, kld, dp, logits.argmax(axis=1) == ref.top)
 
 
 def summarize(s: TokenScores) -> dict[str, float | int]:

@@ -23,6 +23,20 @@ from r7b.errors import R7BError
 FLASH_ATTN = {"auto": ll.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": ll.LLAMA_FLASH_ATTN_TYPE_ENABLED,
               "off": ll.LLAMA_FLASH_ATTN_TYPE_DISABLED}
 _backend_ready = False
+PLAIN_KV_TYPES = ("f16", "f32", "bf16")  # cache types llama.cpp runs without flash attention
+
+
+def resolve_flash_attn(flash_attn: str, kv_type: str = "f16", offloaded: bool = False) -> str:
+    """What "auto" means: off on the CPU, where it measured faster at every depth (docs/benchmarks.md);
+    on for a quantized V cache, which needs it; llama.cpp's choice where layers run on a GPU (Metal,
+    CUDA), where flash attention wins."""
+    if flash_attn not in FLASH_ATTN:
+        raise R7BError(f"flash_attn must be one of {', '.join(FLASH_ATTN)}, not {flash_attn!r}")
+    if flash_attn != "auto":
+        return flash_attn
+    if kv_type not in PLAIN_KV_TYPES:
+        return "on"
+    return "auto" if offloaded else "off"
 
 
 def default_threads() -> int:
@@ -123,6 +137,7 @@ class LlamaModel:
         init_backend(verbose)
         self.path = Path(path)
         self.placement = placement
+        self.offloaded = n_gpu_layers != 0
         params = ll.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 0x7FFFFFFF
         params.vocab_only = vocab_only
@@ -172,7 +187,11 @@ class LlamaModel:
     def new_context(self, *, n_ctx: int, n_batch: int = 512, n_threads: int | None = None, kv_type: str = "f16",
                     swa_full: bool = False, n_seq_max: int = 1, flash_attn: str = "auto",
                     cb_eval: Any = None, kv_unified: bool = False) -> Any:
-        """A context on this model; one R7BError naming the size and cache type when llama.cpp refuses."""
+        """A context on this model; one R7BError naming the size and cache type when llama.cpp refuses.
+
+        `n_ctx` is the whole cache: with `n_seq_max` > 1 (and no `kv_unified`) each sequence gets
+        an equal share of its own, as llama-server's slots do.
+        """
         p = ll.llama_context_default_params()
         p.n_ctx = n_ctx
         p.n_batch = p.n_ubatch = min(n_batch, n_ctx)
@@ -181,7 +200,7 @@ class LlamaModel:
         p.swa_full = swa_full
         p.n_seq_max = n_seq_max
         p.kv_unified = kv_unified
-        p.flash_attn_type = FLASH_ATTN[flash_attn]
+        p.flash_attn_type = FLASH_ATTN[resolve_flash_attn(flash_attn, kv_type, self.offloaded)]
         if cb_eval is not None:
             p.cb_eval, p.cb_eval_user_data = cb_eval, None
         with LlamaLog() as log:

@@ -21,7 +21,7 @@ import numpy as np
 
 from r7b.cohere2 import kv_type_id
 from r7b.errors import R7BError
-from r7b.llama import FLASH_ATTN, LlamaModel, default_threads, free_context
+from r7b.llama import LlamaModel, default_threads, free_context, resolve_flash_attn
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -31,7 +31,8 @@ class EngineConfig:
     n_gpu_layers: int = 0
     kv_type: str = "f16"
     swa_full: bool = False
-    flash_attn: str = "auto"  # "on", "off" or "auto" (llama.cpp decides per backend)
+    flash_attn: str = "auto"  # "on", "off" or "auto" (off on the CPU: r7b.llama.resolve_flash_attn)
+    n_seq: int = 1  # conversations batched in the context (runtime/slots.py), each with n_ctx tokens
     verbose: bool = False
     rpc: tuple[str, ...] = ()  # RPC workers "host:port" that take a share of the layers
     tensor_split: tuple[float, ...] | None = None  # this machine, then each worker (default: by free memory)
@@ -78,8 +79,7 @@ class Engine:
 
     def __init__(self, path: str | os.PathLike, config: EngineConfig = EngineConfig()):
         kv_type_id(config.kv_type)
-        if config.flash_attn not in FLASH_ATTN:
-            raise R7BError(f"flash_attn must be one of {', '.join(FLASH_ATTN)}, not {config.flash_attn!r}")
+        self.flash_attn = resolve_flash_attn(config.flash_attn, config.kv_type, config.n_gpu_layers != 0)
         self.path = Path(path)
         self.config = config
         self.n_threads = config.n_threads or default_threads()
@@ -95,26 +95,21 @@ class Engine:
                                 placement=placement)
         self._vocab = self.model.vocab
         try:
-            self._ctx = self.model.new_context(n_ctx=config.n_ctx, n_batch=config.n_batch, n_threads=self.n_threads,
-                                               kv_type=config.kv_type, swa_full=config.swa_full,
-                                               flash_attn=self._flash_attn())
+            self._ctx = self.model.new_context(n_ctx=config.n_ctx * config.n_seq, n_batch=config.n_batch,
+                                               n_threads=self.n_threads, kv_type=config.kv_type,
+                                               swa_full=config.swa_full, n_seq_max=config.n_seq,
+                                               flash_attn=self.flash_attn)
         except R7BError:
             self.model.close()
             raise
         self._mem = llama_cpp.llama_get_memory(self._ctx)
-        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self.n_ctx = llama_cpp.llama_n_ctx_seq(self._ctx)  # one conversation's room
         self.n_vocab = self.model.n_vocab
         self.n_swa = self.model.n_swa
         self.bos = self.model.bos
         self.cached: list[int] = []
         self._pieces: dict[int, bytes] = {}
-        self._piece_buf = ctypes.create_string_buffer(256)
         self._token_buf = (llama_cpp.llama_token * config.n_batch)()
-
-    def _flash_attn(self) -> str:
-        if self.config.kv_type not in ("f16", "f32", "bf16") and self.config.flash_attn == "auto":
-            return "on"  # a quantized V cache needs it
-        return self.config.flash_attn
 
     def close(self) -> None:
         free_context(getattr(self, "_ctx", None))
@@ -132,11 +127,13 @@ class Engine:
         return self.model.tokenize(text, special=special, add_bos=add_bos)
 
     def piece(self, token: int) -> bytes:
-        """Token bytes, with special tokens rendered as their text; memoized."""
+        """Token bytes, with special tokens rendered as their text; memoized (thread-safe: parallel
+        slots decode text in their own threads)."""
         out = self._pieces.get(token)
         if out is None:
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, 256, 0, True)
-            out = self._piece_buf.raw[:max(n, 0)]
+            buf = ctypes.create_string_buffer(256)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, 256, 0, True)
+            out = buf.raw[:max(n, 0)]
             self._pieces[token] = out
         return out
 
@@ -163,35 +160,46 @@ class Engine:
         llama_cpp.llama_memory_clear(self._mem, True)
         self.cached = []
 
-    def _reusable_prefix(self, tokens: Sequence[int]) -> int:
-        n = 0
-        for a, b in zip(self.cached, tokens):
-            if a != b:
-                break
-            n += 1
-        n = min(n, len(tokens) - 1)  # the last prompt token is always evaluated, for its logits
-        if n <= 0:
-            return 0
-        if n < len(self.cached):
-            pos_min = llama_cpp.llama_memory_seq_pos_min(self._mem, 0)
-            window = self.n_swa if (self.n_swa and not self.config.swa_full) else 0
-            if window and pos_min > max(0, n - window):
-                return 0  # the window positions before n were already evicted
-            if not llama_cpp.llama_memory_seq_rm(self._mem, 0, n, -1):
-                return 0
-        return n
+    def clear_seq(self, seq: int) -> None:
+        """Free every KV cell of one sequence."""
+        llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
 
-    def prefill(self, tokens: Sequence[int]) -> int:
-        """Make the cache hold exactly `tokens`; returns how many had to be evaluated."""
+    def seq_cells(self, seq: int) -> int:
+        """Positions a sequence holds in the cache (0 when its cells are free)."""
+        return llama_cpp.llama_memory_seq_pos_max(self._mem, seq) + 1
+
+    def check_prompt(self, tokens: Sequence[int]) -> None:
         if len(tokens) == 0:
             raise R7BError("empty prompt")
         if len(tokens) > self.n_ctx:
             raise R7BError(f"prompt has {len(tokens)} tokens; the context holds {self.n_ctx}")
-        keep = self._reusable_prefix(tokens)
-        if keep == 0:
-            self.reset()
-        else:
-            self.cached = list(self.cached[:keep])
+
+    def keep_prefix(self, cached: Sequence[int], tokens: Sequence[int], seq: int = 0) -> int:
+        """How much of sequence `seq`'s cache (holding `cached`) the prompt `tokens` can keep; the rest
+        of the sequence's cells are freed."""
+        n = 0
+        for a, b in zip(cached, tokens):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(tokens) - 1)  # the last prompt token is always evaluated, for its logits
+        if n > 0 and n < len(cached):
+            pos_min = llama_cpp.llama_memory_seq_pos_min(self._mem, seq)
+            window = self.n_swa if (self.n_swa and not self.config.swa_full) else 0
+            if window and pos_min > max(0, n - window):
+                n = 0  # the window positions before n were already evicted
+            elif not llama_cpp.llama_memory_seq_rm(self._mem, seq, n, -1):
+                n = 0
+        if n <= 0:
+            self.clear_seq(seq)
+            return 0
+        return n
+
+    def prefill(self, tokens: Sequence[int]) -> int:
+        """Make the cache hold exactly `tokens`; returns how many had to be evaluated."""
+        self.check_prompt(tokens)
+        keep = self.keep_prefix(self.cached, tokens)
+        self.cached = list(self.cached[:keep])
         self._decode(tokens[keep:])
         return len(tokens) - keep
 
@@ -207,19 +215,20 @@ class Engine:
                 raise R7BError(f"llama.cpp decode failed (code {rc}); the KV cache may be full")
             self.cached.extend(chunk)
 
-    def logits(self) -> "ctypes.Array[ctypes.c_float]":
-        """Logits of the last evaluated token (a view into llama.cpp's buffer)."""
-        return llama_cpp.llama_get_logits_ith(self._ctx, -1)
+    def logits(self, idx: int = -1) -> "ctypes.Array[ctypes.c_float]":
+        """Logits of the last evaluated token, or of batch row `idx` (a view into llama.cpp's buffer)."""
+        return llama_cpp.llama_get_logits_ith(self._ctx, idx)
 
     def generate(self, sampling: Sampling, max_tokens: int, stop_ids: frozenset[int] = frozenset(),
-                 ignore_eog: bool = False) -> Iterator[int]:
+                 ignore_eog: bool = False, logprobs: int | None = None) -> Iterator[int]:
         """Sample up to max_tokens after a prefill; yields each token, ends after a stop/EOG token.
 
         `ignore_eog` keeps going past end-of-generation tokens, so a benchmark always produces
         `max_tokens` (stop_ids still apply). Between a token's yield and the next step,
-        `logprobs` reads the distribution it was sampled from.
+        `logprobs` reads the distribution it was sampled from (`logprobs=` is for the batched
+        slots, which must know in advance; here it is read on demand).
         """
-        sampler = self._sampler(sampling, history=self.cached)
+        sampler = self.sampler(sampling, history=self.cached)
         try:
             room = self.n_ctx - len(self.cached)
             for _ in range(min(max_tokens, room)):
@@ -235,13 +244,13 @@ class Engine:
         finally:
             llama_cpp.llama_sampler_free(sampler)
 
-    def logprobs(self, token: int, top: int = 0) -> tuple[float, list[tuple[int, float]]]:
+    def logprobs(self, token: int, top: int = 0, idx: int = -1) -> tuple[float, list[tuple[int, float]]]:
         """Log-probability of `token` and the `top` likeliest tokens, from the last logits.
 
         As llama-server reports them by default: log-softmax of the model's raw logits over the
         whole vocabulary, before any sampler (penalties, temperature, truncation) touched them.
         """
-        logits = np.ctypeslib.as_array(self.logits(), shape=(self.n_vocab,))
+        logits = np.ctypeslib.as_array(self.logits(idx), shape=(self.n_vocab,))
         peak = float(logits.max())
         log_z = peak + float(np.log(np.exp(logits - peak, dtype=np.float64).sum()))
         best: list[tuple[int, float]] = []
@@ -251,7 +260,7 @@ class Engine:
             best = [(int(i), float(logits[i]) - log_z) for i in idx]
         return float(logits[token]) - log_z, best
 
-    def _sampler(self, s: Sampling, history: Sequence[int] = ()):
+    def sampler(self, s: Sampling, history: Sequence[int] = ()):
         """llama.cpp's sampler chain for `s`; penalties and DRY first see `history` (the prompt)."""
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda smpl: llama_cpp.llama_sampler_chain_add(chain, smpl)  # noqa: E731

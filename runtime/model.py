@@ -8,6 +8,7 @@ evaluates its new tokens.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -28,6 +29,7 @@ from .parse import StreamParser
 from .prompt import render_prompt
 from .protect import Protector, check_vocab
 from .request import ChatRequest, PreparedPrompt, prepare
+from .slots import SlotPool, plan_slots
 from .template_worker import TemplateWorker
 from .turn import ChatResult, Choice, Done, TokenLogprob, TurnAPI, Usage, final_result  # noqa: F401 -- re-exported
 
@@ -68,11 +70,18 @@ _SAMPLES = {"default": ([{"role": "user", "content": "Hello"}], None, None),
 
 
 class Model(TurnAPI):
-    """A Command R7B GGUF loaded with llama.cpp. Not thread-safe: one call at a time."""
+    """A Command R7B GGUF loaded with llama.cpp.
+
+    Loaded with `parallel=1` (the default), one call at a time. With `parallel=N`, up to N turns
+    may run at once from different threads (or `chat_many`): they are batched into the same
+    llama.cpp steps, each conversation in a slot of its own (runtime/slots.py).
+    """
 
     def __init__(self, engine: Engine, template_sources: dict[str, str] | None = None,
                  template_worker: TemplateWorker | None = None):
         self.engine = engine
+        self.parallel = engine.config.n_seq
+        self.slots = SlotPool(engine) if self.parallel > 1 else None
         self.path = engine.path
         self.template_sources = template_sources
         # A file's own templates render in a process of this model's (started on first use).
@@ -87,8 +96,11 @@ class Model(TurnAPI):
              n_gpu_layers: int = 0, kv_type: str = "f16", swa_full: bool = False, n_batch: int = 512,
              flash_attn: str = "auto", check_memory: bool = True, chat_template: str = "builtin",
              verbose: bool = False, rpc: Sequence[str] | str | None = None,
-             tensor_split: Sequence[float] | str | None = None) -> "Model":
+             tensor_split: Sequence[float] | str | None = None, parallel: int | None = 1) -> "Model":
         """Load a GGUF. CPU by default; n_gpu_layers=-1 offloads all layers (Metal, CUDA) where built.
+
+        `parallel=N` gives N conversations `n_ctx` tokens each of KV cache and batches their turns
+        (see the class); `None` picks N from the memory their caches need (at most 4).
 
         `chat_template="gguf"` formats prompts with the file's own templates instead of the
         project's (for a fine-tune that changed them); they are checked here, in the sandbox.
@@ -122,8 +134,12 @@ class Model(TurnAPI):
             check_fits(summary, n_ctx=n_ctx, kv_type=kv_type, swa_full=swa_full, placement=placement)
         if n_ctx < 256:
             raise R7BError(f"n_ctx must be at least 256 tokens, got {n_ctx}")
+        n_seq = plan_slots(summary, parallel, n_ctx=n_ctx, kv_type=kv_type, swa_full=swa_full,
+                           check_memory=check_memory)
+        if n_seq > 1 and endpoints:
+            raise R7BError("parallel slots are not available with RPC workers yet: use parallel=1")
         config = EngineConfig(n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                              kv_type=kv_type, swa_full=swa_full, flash_attn=flash_attn, verbose=verbose,
+                              kv_type=kv_type, swa_full=swa_full, flash_attn=flash_attn, verbose=verbose, n_seq=n_seq,
                               rpc=tuple(endpoints), tensor_split=tuple(split) if split else None, placement=placement)
         engine = Engine(path, config)
         try:
@@ -135,6 +151,8 @@ class Model(TurnAPI):
             raise
 
     def close(self) -> None:
+        if self.slots is not None:
+            self.slots.close()
         self.engine.close()
         if self.template_worker is not None:
             self.template_worker.close()
@@ -166,9 +184,43 @@ class Model(TurnAPI):
         return prepare(self, request)
 
     def generate(self, prompt: PreparedPrompt, sampling: dict[str, Any]) -> Iterator[object]:
-        """Run a prepared prompt: parser events, then `Done(result)`; with n > 1, each answer after a `Choice`."""
+        """Run a prepared prompt: parser events, then `Done(result)`; with n > 1, each answer after a `Choice`.
+
+        With parallel slots, the turn holds one slot; a turn abandoned before its end (the
+        generator closed early, an error) frees the slot's cells, a finished one keeps them for
+        the conversation's next turn.
+        """
+        if self.slots is None:
+            yield from self._turn(prompt, sampling, self.engine)
+            return
+        slot = self.slots.acquire(prompt.tokens)
+        finished = False
+        try:
+            for event in self._turn(prompt, sampling, slot):
+                finished = isinstance(event, Done)  # the consumer may stop reading at the result
+                yield event
+        finally:
+            self.slots.release(slot, drop=not finished)
+
+    def slot_states(self) -> list[dict[str, Any]]:
+        """Each conversation slot: busy or idle, and the KV cells it holds (one slot: the tokens cached)."""
+        if self.slots is not None:
+            return self.slots.states()
+        return [{"id": 0, "n_ctx": self.engine.n_ctx, "busy": None, "cells": len(self.engine.cached)}]
+
+    def chat_many(self, conversations: Sequence[Sequence[dict]], **options: Any) -> list[ChatResult]:
+        """One assistant turn for each conversation, run side by side (batched with `parallel` > 1);
+        `options` are `chat`'s, shared by all."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if options.get("stream"):
+            raise R7BError("chat_many returns whole results: stream is not available")
+        with ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="r7b-chat") as pool:
+            return list(pool.map(lambda messages: self.chat(messages, **options), conversations))
+
+    def _turn(self, prompt: PreparedPrompt, sampling: dict[str, Any], seq: Any) -> Iterator[object]:
         if prompt.n == 1:
-            result = yield from self._generate_one(prompt, sampling)
+            result = yield from self._generate_one(prompt, sampling, seq)
             yield Done(result)
             return
         results = []
@@ -177,43 +229,46 @@ class Model(TurnAPI):
             seed = sampling.get("seed")
             # each answer re-evaluates only the prompt's last token: prefill keeps the rest cached
             results.append((yield from self._generate_one(prompt, sampling if seed is None or i == 0
-                                                          else {**sampling, "seed": seed + i})))
+                                                          else {**sampling, "seed": seed + i}, seq)))
         usage = Usage(prompt_tokens=len(prompt.tokens), completion_tokens=sum(r.usage.completion_tokens
                                                                              for r in results),
                       cached_tokens=results[0].usage.cached_tokens)
         yield Done(dataclasses.replace(results[0], usage=usage, choices=results))
 
-    def _generate_one(self, prompt: PreparedPrompt, sampling: dict[str, Any]) -> Iterator[object]:
-        """One answer's events; returns its `ChatResult`."""
+    def _generate_one(self, prompt: PreparedPrompt, sampling: dict[str, Any], seq: Any) -> Iterator[object]:
+        """One answer's events on `seq` (the engine, or a slot); returns its `ChatResult`."""
         sampler = Sampling(**{**sampling, "grammar": prompt.grammar})
-        evaluated = self.engine.prefill(prompt.tokens)
+        evaluated = seq.prefill(prompt.tokens)
         parser = StreamParser(tool_call_ids=prompt.tool_call_ids, has_documents=prompt.has_documents)
         yield from parser.feed(prompt.prefix)
         raw, n_out, finish = [], 0, "length"
         logprobs: list[dict] | None = None if prompt.logprobs is None else []
         text_out = TextStream(self.engine)
         holdback = _StopScanner(prompt.stop)
-        for tok in self.engine.generate(sampler, prompt.max_tokens, self._stop_ids):
-            n_out += 1
-            if logprobs is not None and not self.engine.model.token_attr(tok) & LLAMA_TOKEN_ATTR_CONTROL:
-                entry = self._logprob_entry(tok, prompt.logprobs)
-                logprobs.append(entry)
-                yield TokenLogprob(entry)
-            piece = text_out.push(tok)
-            if tok in self._stop_ids or self.engine.is_eog(tok):
+        # closed on the way out, whatever happens: a slot's sampler must be let go before the slot is
+        with contextlib.closing(seq.generate(sampler, prompt.max_tokens, self._stop_ids,
+                                             logprobs=prompt.logprobs)) as tokens:
+            for tok in tokens:
+                n_out += 1
+                if logprobs is not None and not self.engine.model.token_attr(tok) & LLAMA_TOKEN_ATTR_CONTROL:
+                    entry = self._logprob_entry(tok, seq.logprobs(tok, prompt.logprobs))
+                    logprobs.append(entry)
+                    yield TokenLogprob(entry)
+                piece = text_out.push(tok)
+                if tok in self._stop_ids or self.engine.is_eog(tok):
+                    raw.append(piece)
+                    yield from parser.feed(holdback.flush() + piece)
+                    finish = "stop"
+                    break
+                safe, hit = holdback.push(piece)
                 raw.append(piece)
-                yield from parser.feed(holdback.flush() + piece)
-                finish = "stop"
-                break
-            safe, hit = holdback.push(piece)
-            raw.append(piece)
-            if safe:
-                yield from parser.feed(safe)
-            if hit:
-                finish = "stop"
-                break
-        else:
-            yield from parser.feed(holdback.flush() + text_out.flush())
+                if safe:
+                    yield from parser.feed(safe)
+                if hit:
+                    finish = "stop"
+                    break
+            else:
+                yield from parser.feed(holdback.flush() + text_out.flush())
         tail_events, parsed = parser.finish(finish_reason=finish)
         yield from tail_events
         raw_text = holdback.text if holdback.hit is not None else "".join(raw)
@@ -224,8 +279,8 @@ class Model(TurnAPI):
                           usage=usage, raw=prompt.prefix + raw_text, malformed=parsed.malformed,
                           error=parsed.error, parsed=parsed, logprobs=logprobs)
 
-    def _logprob_entry(self, token: int, top: int) -> dict:
-        logprob, best = self.engine.logprobs(token, top)
+    def _logprob_entry(self, token: int, scored: tuple[float, list[tuple[int, float]]]) -> dict:
+        logprob, best = scored
 
         def item(tok: int, lp: float) -> dict:
             data = self.engine.piece(tok)

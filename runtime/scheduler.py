@@ -1,14 +1,18 @@
-"""The request queue in front of the model: one thread owns the llama.cpp context, requests wait in order.
+"""The request queue in front of the model: as many request threads as the model has slots.
 
-A llama.cpp context is not thread-safe, so generation runs in one worker thread. The event loop
-stays free to answer other requests and to notice clients that hang up: their generation is
-stopped (or, if still queued, never started), so it does not hold up the requests behind it.
+With one slot, one thread runs each request in turn (a llama.cpp context is not thread-safe);
+with `parallel` slots, that many run at once and the model batches their steps (slots.py). The
+event loop stays free to answer other requests and to notice clients that hang up: their
+generation is stopped (or, if still queued, never started). Past `max_queue` waiting requests a
+new one is refused with `QueueFull`, which says when to retry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -19,6 +23,15 @@ if TYPE_CHECKING:
 
 
 _END = object()
+DEFAULT_MAX_QUEUE = 16
+
+
+class QueueFull(Exception):
+    """Every slot is busy and the queue is full; `retry_after` is a guess in whole seconds."""
+
+    def __init__(self, waiting: int, retry_after: int):
+        super().__init__(f"the server is busy: {waiting} requests are already waiting; retry in {retry_after} s")
+        self.retry_after = retry_after
 
 
 class EventStream:
@@ -57,20 +70,31 @@ class EventStream:
 
 
 class Scheduler:
-    """Runs requests on the model one at a time in a single thread; the executor's queue is the request queue."""
+    """Runs requests on the model, `model.parallel` at a time; the executor's queue is the request queue."""
 
-    def __init__(self, model: "Model"):
+    def __init__(self, model: "Model", max_queue: int = DEFAULT_MAX_QUEUE):
         self.model = model
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="r7b-generate")
+        self.slots = getattr(model, "parallel", 1)
+        self.max_queue = max_queue
+        self._pool = ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="r7b-generate")
         self._streams: set[EventStream] = set()
         self._lock = threading.Lock()
+        self._waiting = 0
+        self._mean_s = 5.0  # running mean of a request's duration, for Retry-After
 
     def submit(self, request: ChatRequest) -> EventStream:
-        stream = EventStream()
         with self._lock:
+            if self._waiting >= self.max_queue:
+                raise QueueFull(self._waiting, self._retry_after())
+            stream = EventStream()
             self._streams.add(stream)
+            self._waiting += 1
         self._pool.submit(self._run, request, stream)
         return stream
+
+    def _retry_after(self) -> int:
+        """Seconds until the queue has moved by one slot's worth, from the mean request time."""
+        return max(1, min(60, math.ceil(self._mean_s * (self._waiting / self.slots))))
 
     def close(self) -> None:
         """Stop every queued or running generation and wait for the thread to let go of the model."""
@@ -80,6 +104,9 @@ class Scheduler:
         self._pool.shutdown(wait=True)
 
     def _run(self, request: ChatRequest, stream: EventStream) -> None:
+        with self._lock:
+            self._waiting -= 1
+        started = time.monotonic()
         try:
             if not stream.cancelled.is_set():
                 self._generate(request, stream)
@@ -89,6 +116,7 @@ class Scheduler:
             stream.put(_END)
             with self._lock:
                 self._streams.discard(stream)
+                self._mean_s = 0.8 * self._mean_s + 0.2 * (time.monotonic() - started)
 
     def _generate(self, request: ChatRequest, stream: EventStream) -> None:
         prompt = self.model.prepare(request)

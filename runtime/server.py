@@ -21,12 +21,16 @@ Command R7B extensions, all optional:
 
 This module holds the application, its middleware, routes and command line; the wire formats are
 mapped in openai_api.py and cohere_api.py, prompts are prepared in request.py, and scheduler.py queues requests for
-the thread that owns the model.
+the threads that run the model.
+`r7b serve --parallel N` serves N conversations at once, batched into the same llama.cpp steps
+(continuous batching, slots.py); without it N is chosen from the memory their KV caches need.
+Past `--max-queue` waiting requests, a new one gets 429 with a Retry-After header.
 `r7b serve --max-tokens N` caps every answer at N tokens, as llama-server's --n-predict does: a
 request asking for more (or for nothing, which means the rest of the context) gets N, and
 finish_reason "length" if the answer is cut there.
-The engine keeps the KV cache of the last request, so the next turn of the same conversation only
-evaluates its new tokens (`usage.prompt_tokens_details.cached_tokens`).
+Each slot keeps the KV cache of its last request, and a request goes to the slot sharing most of its
+prompt, so the next turn of a conversation only evaluates its new tokens
+(`usage.prompt_tokens_details.cached_tokens`).
 
 Without an API key the server only listens on loopback addresses.
 """
@@ -61,7 +65,7 @@ from .model import ChatResult, Done, Model
 from .openai_api import ChunkWriter, Reply, to_request
 from .remote import WorkerLost, load_model
 from .options import add_model_options, is_loopback, load_kwargs
-from .scheduler import EventStream, Scheduler
+from .scheduler import DEFAULT_MAX_QUEUE, EventStream, QueueFull, Scheduler
 
 log = logging.getLogger("r7b.serve")
 
@@ -77,10 +81,11 @@ class APIError(Exception):
     """An error the client should see, in OpenAI's `{"error": {...}}` shape."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
         message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates from JSON escapes
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers
 
     def body(self, path: str = "") -> dict:
         """OpenAI's shape, or Cohere's `{"id", "message"}` under /v2/."""
@@ -296,9 +301,10 @@ def _openapi_schema(app, model_name: str, secured: bool, max_tokens: int | None 
 
 
 def create_app(model: Model, *, model_name: str, api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY, max_tokens: int | None = None):
+               max_body_bytes: int = DEFAULT_MAX_BODY, max_tokens: int | None = None,
+               max_queue: int = DEFAULT_MAX_QUEUE):
     """The ASGI application serving `model` under `model_name`; `max_tokens` caps every answer."""
-    scheduler = Scheduler(model)
+    scheduler = Scheduler(model, max_queue=max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -329,7 +335,12 @@ def _add_error_handlers(app) -> None:
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return respond(request, exc)
+        return respond(request, exc, exc.headers)
+
+    @app.exception_handler(QueueFull)
+    async def busy(request: Request, exc: QueueFull) -> JSONResponse:
+        return respond(request, APIError(429, str(exc), code="server_busy", type="server_error"),
+                       {"Retry-After": str(exc.retry_after)})
 
     @app.exception_handler(R7BError)
     async def bad_input(request: Request, exc: R7BError) -> JSONResponse:
@@ -350,12 +361,20 @@ def _add_error_handlers(app) -> None:
 
 
 def _add_routes(app, scheduler: Scheduler, model_name: str, max_tokens: int | None) -> None:
-    errors = {code: {"model": oa.ErrorResponse} for code in (400, 401, 404, 413, 500, 503)}
+    errors = {code: {"model": oa.ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)}
     card = oa.ModelCard(id=model_name, created=int(Path(scheduler.model.path).stat().st_mtime), owned_by="r7b-edge")
 
     @app.get("/health", response_model=oa.Health)
     async def health() -> dict:
         return {"status": "ok"}
+
+    @app.get("/slots", responses=errors)
+    async def slots() -> list[dict]:
+        """Each conversation slot: `busy`, and `cells`, the KV-cache cells its conversation holds."""
+        states = getattr(scheduler.model, "slot_states", None)
+        if states is None:
+            raise APIError(404, "slot states are not available for a model served over RPC")
+        return await asyncio.to_thread(states)
 
     @app.get("/v1/models", response_model=oa.ModelList, responses=errors)
     async def list_models() -> oa.ModelList:
@@ -383,7 +402,7 @@ def _add_routes(app, scheduler: Scheduler, model_name: str, max_tokens: int | No
         return StreamingResponse(_sse(first, stream, ChunkWriter(reply)), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
 
-    cohere_errors = {code: {"model": co.CohereError} for code in (400, 401, 413, 500, 503)}
+    cohere_errors = {code: {"model": co.CohereError} for code in (400, 401, 413, 429, 500, 503)}
 
     @app.post("/v2/chat", response_model=co.CohereChatResponse, tags=["cohere"],
               responses={**cohere_errors, 200: {"content": {"text/event-stream": {"schema": co.SSE_EVENT}}}})
@@ -426,6 +445,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "'length' (default: the rest of the context)")
     p.add_argument("--max-body-bytes", type=int, metavar="N", default=DEFAULT_MAX_BODY,
                    help=f"largest request body accepted (default {DEFAULT_MAX_BODY})")
+    p.add_argument("--parallel", "-np", type=int, metavar="N",
+                   help="conversations served at once, batched together, each with --n-ctx tokens of KV cache "
+                        "(default: as many as fit in memory, at most 4)")
+    p.add_argument("--max-queue", type=int, metavar="N", default=DEFAULT_MAX_QUEUE,
+                   help=f"requests that may wait for a free slot; more get 429 (default {DEFAULT_MAX_QUEUE})")
     p.set_defaults(func=_serve_main)
 
 
@@ -439,16 +463,22 @@ def _check_args(args: argparse.Namespace) -> None:
         raise R7BError("--max-body-bytes must be positive")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise R7BError("--max-tokens must be positive")
+    if args.max_queue < 0:
+        raise R7BError("--max-queue must be 0 or more")
+    if args.rpc and args.parallel not in (None, 1):
+        raise R7BError("--parallel is not available with --rpc yet: serve one conversation at a time")
 
 
 def _serve_main(args: argparse.Namespace) -> int:
     _check_args(args)
-    model = load_model(args.model, **load_kwargs(args))
+    slots = {} if args.rpc else {"parallel": args.parallel}
+    model = load_model(args.model, **load_kwargs(args), **slots)
     name = args.model_name or model.engine.metadata("general.name") or Path(args.model).stem
     app = create_app(model, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                     max_tokens=args.max_tokens)
-    print(f"r7b serve: '{name}' on http://{args.host}:{args.port}/v1 (context {model.engine.n_ctx} tokens)",
-          file=sys.stderr)
+                     max_tokens=args.max_tokens, max_queue=args.max_queue)
+    parallel = getattr(model, "parallel", 1)
+    print(f"r7b serve: '{name}' on http://{args.host}:{args.port}/v1 ({parallel} slot{'s' * (parallel > 1)} "
+          f"of {model.engine.n_ctx} tokens)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
     model.close()
     return 0

@@ -27,7 +27,9 @@ HELD_OUT = ROOT / "tests" / "fixtures" / "held-out"
 from r7b.convert.convert import convert  # noqa: E402
 from r7b.convert.imatrix import imatrix  # noqa: E402
 from r7b.convert.quantize import RECIPE, quantize  # noqa: E402
-from r7b.quality.eval import evaluate
+from r7b.memory import format_bytes  # noqa: E402
+from r7b.quality.eval import evaluate  # noqa: E402
+from r7b.quality.reference import ReferenceLogProbs, row_dtype  # noqa: E402
 from r7b.quality.results import FileInfo, ModelQuality, file_info  # noqa: E402
 from r7b.quality.report import log, machine_line, markdown_table, plot_kld  # noqa: E402
 
@@ -86,6 +88,22 @@ def embedding_share(path: Path) -> float:
     return sum(math.prod(t.shape) for t in tensors if t.name == "token_embd.weight") / total
 
 
+def reference_store(ctx: int, chunks: int) -> str:
+    """What the reference file costs, for the stand-in and for Command R7B."""
+    def size(n_vocab: int) -> str:
+        return format_bytes(ReferenceLogProbs.file_bytes(ctx, chunks, n_vocab))
+
+    per_token = {v: row_dtype(v).itemsize for v in (8000, 256000)}
+    return f"""The reference's log-probabilities are stored as llama-perplexity stores its `--kl-divergence-base` file:
+16-bit codes, 2 bytes per vocabulary entry and scored token ({per_token[8000]:,} bytes a token for the
+stand-in's 8,000 tokens, {per_token[256000]:,} for Command R7B's 256,000), plus the true token's float64
+log-probability and the top token, so PPL, Δp and same-top are exact. `r7b eval` states the file's size before
+the reference pass and refuses when its disk (the temporary folder's, without `--save-reference`) lacks it: for
+these {chunks} chunks of {ctx} tokens it is {size(8000)} for the stand-in and {size(256000)} for Command R7B. Each
+token's KL divergence is within about 5e-4 × E_p|log p/q| + 3e-7 of a float64 computation from the full logits
+(derived in tests/test_reference_store.py)."""
+
+
 def report(ref: FileInfo, en: list[ModelQuality], es: list[ModelQuality], args: argparse.Namespace,
            minutes: float) -> str:
     chunks = en[0].tokens_scored // (args.ctx - 1 - args.ctx // 2)
@@ -109,6 +127,8 @@ tokens. ± is one standard error.
 - **+imatrix**: quantized with an importance matrix collected by `r7b imatrix` on the second half of
   `tests/fixtures/held-out/en.txt`; the English figures come from the first half, so calibration and
   evaluation share no text. Q4_K_R7B is the project's recipe (see `r7b quantize --help`).
+
+{reference_store(args.ctx, chunks)}
 
 ## The stand-in, English
 

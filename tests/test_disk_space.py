@@ -109,18 +109,36 @@ def test_pull_refuses_before_converting(hf_home, small):
 def test_eval_reference_refuses_up_front(f16, small, held_out_text, tmp_path):
     text = tmp_path / "eval.txt"
     text.write_text(held_out_text["en"], encoding="utf-8")
-    proc = _run("eval", "--reference", f16, f16, "--text", text, "--chunks", "1", "--save-reference",
+    proc = _run("eval", "--reference", f16, f16, "--text", text, "--chunks", "2", "--save-reference",
                 small / "ref.logprobs", "-q")
-    _refused_up_front(proc, small, "the reference log-probs", "fewer --chunks")
+    _refused_up_front(proc, small, "the reference log-probs", "7.8 MiB", "fewer --chunks")
 
 
 def test_reference_store_uses_the_same_check(small):
     from r7b.quality.reference import ReferenceLogProbs
 
     with pytest.raises(R7BError, match=r"no space left for the reference log-probs: it needs about 7\.8 MiB"):
-        ReferenceLogProbs.create(small / "ref", np.zeros(512, np.int32), ctx=512, n_vocab=8000,
-                                 vocab_sha256="0", reference="x")
+        ReferenceLogProbs.create(small / "ref", np.zeros(512, np.int32), ctx=512, n_vocab=16000,
+                                 vocab_sha256="0", reference="x")  # 255 rows of 32,020 bytes
     assert not (small / "ref").exists()
+
+
+def test_eval_refuses_when_the_temporary_folder_is_short(f16, small, held_out_text, tmp_path):
+    text = tmp_path / "eval.txt"
+    text.write_text(held_out_text["en"], encoding="utf-8")
+    proc = _run("eval", "--reference", f16, f16, "--text", text, "--ctx", "512", "--chunks", "3", "-q",
+                env={"TMPDIR": str(small)})
+    _refused_up_front(proc, small, "the reference log-probs", "11.7 MiB", "TMPDIR")
+
+
+def test_a_fill_during_the_reference_leaves_no_file(small, monkeypatch):
+    from r7b.quality import reference
+
+    monkeypatch.setattr(reference, "check_free_space", lambda *a, **k: None)
+    with pytest.raises(R7BError, match="no space left on device for the reference log-probs"):
+        reference.ReferenceLogProbs.create(small / "ref", np.zeros(1024, np.int32), ctx=512, n_vocab=8000,
+                                           vocab_sha256="0", reference="x")
+    assert list(small.iterdir()) == []
 
 
 def test_check_free_space_message(small):

@@ -11,6 +11,7 @@ import hmac
 import json
 import re
 import threading
+import time
 from collections import Counter
 from typing import Callable
 
@@ -40,10 +41,14 @@ def server(model_path, tmp_path_factory):
         yield running
 
 
+SLOTS = 4
+
+
 @pytest.fixture(scope="module")
 def roomy(model_path, tmp_path_factory):
-    """A server with room for documents (a grounded prompt is ~2500 tokens) and long answers."""
-    with launch(model_path, tmp_path_factory.mktemp("roomy")) as running:
+    """A server with room for documents (a grounded prompt is ~2500 tokens) and long answers, serving
+    SLOTS conversations at once."""
+    with launch(model_path, tmp_path_factory.mktemp("roomy"), "--parallel", str(SLOTS)) as running:
         yield running
 
 
@@ -111,7 +116,7 @@ def test_schema_fuzz(server, request):
     total = sum(sum(c.values()) for c in statuses.values())
     per_op = "; ".join(f"{label} {sum(c.values())} {dict(sorted(c.items()))}" for label, c in statuses.items())
     report(request, "HTTP fuzz", f"{total} requests, 0 failures ({per_op})")
-    assert len(statuses) == 5 and total >= 300 and "POST /v2/chat" in statuses
+    assert len(statuses) == 6 and total >= 300 and "POST /v2/chat" in statuses and "GET /slots" in statuses
     assert_healthy(server)
 
 
@@ -524,7 +529,7 @@ def _burst(server: Server, outcomes: Counter) -> None:
     for t in threads:
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads)
-    server.chat(max_tokens=1)  # the worker takes jobs in order: once this is answered, the burst is over
+    server.chat(max_tokens=1)
 
 
 def test_burst_with_hang_ups_returns_to_baseline(roomy, request):
@@ -544,6 +549,31 @@ def test_burst_with_hang_ups_returns_to_baseline(roomy, request):
     assert outcomes["failed"] == 0 and sum(outcomes.values()) == 3 * len(ROUND)
     assert threads == baseline_threads
     assert rss <= baseline_rss + tolerance
+
+
+def _slots(server: Server) -> list[dict]:
+    return requests.get(server.url + "/slots", headers=AUTH, timeout=10).json()
+
+
+def test_hang_ups_free_every_slot(roomy, request):
+    """Clients that all hang up, two for each slot: afterwards no slot is busy and llama.cpp's cache
+    holds no cell of theirs."""
+    lock, outcomes = threading.Lock(), Counter()
+    hang_ups = [("hang up mid-stream", {**LONG, "stream": True}), ("give up waiting", LONG)] * SLOTS
+    threads = [threading.Thread(target=_client, args=(roomy, kind, body, outcomes, lock)) for kind, body in hang_ups]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    deadline = time.monotonic() + 30  # each abandoned turn stops at its next token
+    while any(s["busy"] for s in _slots(roomy)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    states = _slots(roomy)
+    report(request, "slots", f"{len(hang_ups)} clients that hung up over {SLOTS} slots "
+                             f"{dict(sorted(outcomes.items()))}; cells held afterwards {[s['cells'] for s in states]}")
+    assert len(states) == SLOTS and outcomes["failed"] == 0
+    assert [(s["busy"], s["cells"]) for s in states] == [(False, 0)] * SLOTS
+    assert_healthy(roomy)
 
 
 # -- 7. control-token text in every input ----------------------------------------------------------
