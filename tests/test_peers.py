@@ -138,8 +138,9 @@ def imatrices(tool, f16, text_file, work) -> dict[str, Path]:
     ours = imatrix(f16, text_file, work / "imatrix-r7b.gguf", ctx=CTX, chunks=CHUNKS, threads=THREADS,
                    progress=False)
     theirs = work / "imatrix-llama.gguf"
+    # r7b runs attention without flash attention on the CPU (its default); llama-imatrix is told the same
     run_tool([tool("llama-imatrix"), "-m", f16, "-f", text_file, "-c", CTX, "--chunks", CHUNKS,
-              "-t", THREADS, "-o", theirs], work)
+              "-t", THREADS, "-fa", "off", "-o", theirs], work)
     return {"r7b": Path(ours).resolve(), "llama": theirs.resolve()}
 
 
