@@ -324,6 +324,12 @@ class _CParams:
         return ctypes.cast(array, ctypes.POINTER(ctype))
 
 
+# Rows llama.cpp converts at once. Its default (8 GiB) holds all of R7B's 256,000 x 4096 embedding
+# as float32 plus its quantized copy: 5 GiB of anonymous memory for one tensor. Slabs give the same
+# bytes (each row is quantized alone) in bounded memory.
+SLAB_BYTES = 256 * 1024**2
+
+
 def _c_params(qt: QuantType, threads: int | None, allow_requantize: bool, overrides: list[tuple[str, GT]],
               embd_type: GT | None, imx: _ImatrixInput | None, kv: dict[str, str | int]) -> _CParams:
     import llama_cpp
@@ -332,6 +338,7 @@ def _c_params(qt: QuantType, threads: int | None, allow_requantize: bool, overri
     params.nthread = threads or 0
     params.ftype = int(qt.ftype)
     params.allow_requantize = allow_requantize
+    params.max_buf_size = SLAB_BYTES
     if embd_type is not None:
         params.token_embedding_type = int(embd_type)
     out = _CParams(params)

@@ -171,6 +171,20 @@ def test_overrides_and_token_embedding_type(f16, tmp_path):
     assert types["blk.1.ffn_down.weight"] == "Q4_K"
 
 
+def test_slabs_give_the_same_bytes(f16, imx, tmp_path, monkeypatch):
+    """llama.cpp converts big tensors in slabs of rows (bounded memory for the 256,000-row embedding);
+    slabs of a few rows must give the bytes one slab does."""
+    from r7b.convert import quantize as q
+
+    whole = quantize(f16, tmp_path / "whole.gguf", "Q4_K_M", imatrix=imx, threads=2, progress=False)
+    monkeypatch.setattr(q, "SLAB_BYTES", 64 * 1024)  # a few rows of each matrix at a time
+    slabs = quantize(f16, tmp_path / "slabs.gguf", "Q4_K_M", imatrix=imx, threads=2, progress=False)
+    a, b = gguf.GGUFReader(whole), gguf.GGUFReader(slabs)
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    for x, y in zip(a.tensors, b.tensors):
+        assert x.tensor_type == y.tensor_type and np.array_equal(x.data, y.data), x.name
+
+
 # -- importance matrix and quality ----------------------------------------------------------------
 
 def test_imatrix_metadata(f16, imx, tmp_path):
