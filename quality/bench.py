@@ -10,7 +10,10 @@ Figures are medians with their range over the repeats; the r7b/raw ratio (the me
 per-round ratios) is what the Python layer costs (1.0 = nothing).
 
 Test names follow llama-bench: pp512 is prefill of 512 tokens, tg128 is generating 128 tokens
-(here right after that prompt, so at depth 512). Prompts are seeded random ids from the
+(here right after that prompt, so at depth 512); with --depth N (llama-bench's -d), N tokens are
+evaluated once per side, kept, and every run starts from them ("pp512 @ d4096"). Both sides get the
+same KV cache type and the same flash-attention mode: the one the engine resolved its setting to
+(read from llama.cpp's log), so "auto" means the same thing on both. Prompts are seeded random ids from the
 vocabulary without control tokens, starting with BOS; generation ignores end-of-generation
 tokens, so every run produces exactly the tokens asked for.
 """
@@ -27,23 +30,23 @@ import re
 import statistics
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from r7b.errors import R7BError
 
-from r7b.cohere2 import Cohere2Dims, n_global_layers
+from r7b.cohere2 import KV_TYPES, Cohere2Dims, kv_type_id, n_global_layers
 from r7b.gguf_reader import read_gguf
 from r7b.gguf_validate import validate_gguf
-from r7b.llama import LlamaLog, LlamaModel, default_threads
+from r7b.llama import FLASH_ATTN, LlamaLog, LlamaModel, default_threads
 from r7b.memory import MIB, pad, tensor_bytes
 from r7b.quality.results import type_label
 from r7b.runtime.options import add_rpc_options, rpc_kwargs
 
 Clock = Callable[[], float]
 TIMED = ("pp_tps", "tg_tps", "ttft_s")
-METRICS = (*TIMED, "peak_rss_bytes", "kv_bytes")
+METRICS = (*TIMED, "peak_rss_bytes", "kv_bytes", "compute_bytes")
 N_BATCH = 512
 WARMUP = (16, 4)  # prompt and generated tokens of the unrecorded first run
 MEM_REPEAT = 3  # runs per side for peak RSS (it hardly varies)
@@ -197,14 +200,14 @@ class ModelInfo:
     bytes_per_token: int  # weights plus the KV cache read at the mean generation depth
 
 
-def model_info(path: str | Path, depth: int) -> ModelInfo:
+def model_info(path: str | Path, depth: int, kv_type: str = "f16") -> ModelInfo:
     """Sizes from the GGUF header: what one decode step reads at `depth`."""
     gf = read_gguf(path)
     sizes = {t.name: t.nbytes for t in gf.tensors}
     shape = Cohere2Dims.from_gguf_metadata(gf.metadata, name=Path(path).name)
     return ModelInfo(str(path), f"{shape.n_layers}L {shape.hidden}h {type_label(gf.metadata)}", sum(sizes.values()),
                      sum(math.prod(t.shape) for t in gf.tensors),
-                     weight_bytes_per_token(sizes) + kv_bytes_read(shape, depth))
+                     weight_bytes_per_token(sizes) + kv_bytes_read(shape, depth, kv_type))
 
 
 # -- process-level measurements -------------------------------------------------------------------
@@ -277,6 +280,37 @@ def kv_bytes_from_log(lines: Sequence[str]) -> int:
     return round(sum(float(x) for x in found) * MIB)
 
 
+def compute_bytes_from_log(lines: Sequence[str]) -> int:
+    """llama.cpp's compute (scratch) buffers for the last context it reported, summed over backends."""
+    found = re.findall(r"(\S+) compute buffer size =\s*([\d.]+) MiB", "".join(lines))
+    if not found:
+        raise R7BError("llama.cpp did not report its compute buffer size")
+    return round(sum(float(x) for _, x in found) * MIB)
+
+
+def flash_attn_from_log(lines: Sequence[str]) -> str:
+    """"on" or "off": what llama.cpp ran with, for the last context in the log (it resolves "auto" itself)."""
+    text = "".join(lines)
+    asked = re.findall(r"flash_attn\s+= (\w+)", text)
+    if not asked:
+        raise R7BError("llama.cpp did not report its flash-attention setting")
+    if asked[-1] != "auto":
+        return "on" if asked[-1] == "enabled" else "off"
+    resolved = re.findall(r"Flash Attention (enabled|not supported)", text.rsplit("flash_attn", 1)[-1])
+    return "on" if resolved[:1] == ["enabled"] else "off"
+
+
+def resolved_flash_attn(flash_attn: str = "auto", kv_type: str = "f16") -> str:
+    """"on" or "off": what the engine runs for this setting on the CPU, so that llama.cpp's tools can be
+    told the same (their "auto" turns flash attention on wherever the backend has it)."""
+    try:
+        from r7b.llama import resolve_flash_attn
+    except ImportError:  # a runtime whose "auto" is llama.cpp's own
+        return "on" if flash_attn == "auto" else flash_attn
+    mode = resolve_flash_attn(flash_attn, kv_type)
+    return "on" if mode == "auto" else mode
+
+
 def random_prompt(path: str | Path, n: int, seed: int = SEED) -> list[int]:
     """BOS, then seeded random ids from the vocabulary, excluding control, unused and unknown tokens."""
     import llama_cpp
@@ -302,6 +336,8 @@ class BenchSettings:
     swa_full: bool = False
     rpc: tuple[str, ...] = ()  # RPC workers sharing the layers (r7b.rpc); both sides use the same split
     tensor_split: tuple[float, ...] | None = None
+    kv_type: str = "f16"
+    flash_attn: str = "auto"  # the engine's setting; the raw side gets what the engine resolved it to
 
 
 class R7bLoop:
@@ -311,17 +347,37 @@ class R7bLoop:
         from r7b.runtime.engine import Engine, EngineConfig, Sampling, TextStream
 
         self.engine = Engine(path, EngineConfig(n_ctx=settings.n_ctx, n_batch=settings.n_batch,
-                                                n_threads=settings.n_threads, kv_type="f16",
-                                                swa_full=settings.swa_full, rpc=settings.rpc,
-                                                tensor_split=settings.tensor_split))
+                                                n_threads=settings.n_threads, kv_type=settings.kv_type,
+                                                flash_attn=settings.flash_attn, swa_full=settings.swa_full,
+                                                rpc=settings.rpc, tensor_split=settings.tensor_split))
         self.greedy = Sampling(temperature=0.0)
         self.text_stream = TextStream
+        self.depth: list[int] = []
+        self.depth_state: Any = None
+
+    def set_depth(self, tokens: Sequence[int], state: Any = None) -> Any:
+        """Evaluate `tokens` once (or take `state`, another context's evaluation of them); every later run
+        restores them and prefills after them (llama-bench's -d). Returns the state."""
+        from .bench_raw import seq_state
+
+        self.engine.reset()
+        self.depth, self.depth_state = list(tokens), None
+        if tokens and state is None:
+            self.engine.prefill(tokens)
+            state = seq_state(self.engine._ctx)
+        self.depth_state = state if tokens else None
+        return self.depth_state
 
     def run(self, tokens: Sequence[int], n_gen: int, clock: Clock) -> tuple[float, float, float, float]:
+        from .bench_raw import restore_seq_state
+
         engine = self.engine
         engine.reset()
+        if self.depth_state:
+            restore_seq_state(engine._ctx, self.depth_state)
+            engine.cached = list(self.depth)  # the engine's prefix reuse then evaluates only `tokens`
         t_start = clock()
-        engine.prefill(tokens)
+        engine.prefill([*self.depth, *tokens])
         t_prefilled = t_first = clock()
         text = self.text_stream(engine)
         for i, tok in enumerate(engine.generate(self.greedy, n_gen, ignore_eog=True)):
@@ -422,10 +478,13 @@ def _open(role: str, path: str, settings: BenchSettings, chat: bool) -> tuple[di
     from .bench_raw import RawLoop
 
     ctx = dict(n_ctx=settings.n_ctx, n_batch=settings.n_batch, n_threads=settings.n_threads,
-               swa_full=settings.swa_full)
+               swa_full=settings.swa_full, kv_type=kv_type_id(settings.kv_type))
     calls: dict[str, Call] = {}
     info: dict[str, Any] = {"no_chat": None}
+    side = "raw" if role == "raw" else "r7b"
     with llama_log() as lines:
+        if role == "raw":  # a raw-only process is handed the mode the engine resolved to
+            ctx["flash_attn"] = FLASH_ATTN[settings.flash_attn]
         if role == "raw" and settings.rpc:  # the same split as the engine's, through the thin layer
             from r7b import rpc
 
@@ -434,19 +493,41 @@ def _open(role: str, path: str, settings: BenchSettings, chat: bool) -> tuple[di
             loop = RawLoop(shared.ptr, owns_model=True, **ctx)
         else:
             loop = RawLoop.load(path, **ctx) if role == "raw" else R7bLoop(path, settings)
-        info["kv_bytes"] = kv_bytes_from_log(lines)
+        info.update(_context_facts(lines, side))
+        if role == "speed":
+            lines.clear()
+            ctx["flash_attn"] = FLASH_ATTN[info["flash_attn"]["r7b"]]
+            raw = RawLoop(loop.engine.model.ptr, **ctx)  # the engine's weights, a context of its own
+            info["raw"] = _context_facts(lines, "raw")
+            info["flash_attn"]["raw"] = info["raw"]["flash_attn"]["raw"]
     closers = [loop]
-    calls[role if role != "speed" else "r7b"] = functools.partial(run_once, loop)
+    loops = [loop]
+    calls[side] = functools.partial(run_once, loop)
     if role == "speed":
-        raw = RawLoop(loop.engine.model.ptr, **ctx)  # the engine's weights, a context of its own
         closers.insert(0, raw)
+        loops.append(raw)
         calls["raw"] = functools.partial(run_once, raw)
         if chat:
             try:
                 calls["chat"] = ChatLoop(loop.engine).run
             except ImportError as exc:
                 info["no_chat"] = f"Model.chat unavailable ({exc})"
+    calls["depth"] = lambda tokens, n_gen, clock: _set_depth(loops, tokens)
     return calls, closers, info
+
+
+def _context_facts(lines: Sequence[str], side: str) -> dict[str, Any]:
+    """What llama.cpp said when it made a context: KV and compute bytes, flash attention used."""
+    return {"kv_bytes": kv_bytes_from_log(lines), "compute_bytes": compute_bytes_from_log(lines),
+            "flash_attn": {side: flash_attn_from_log(lines)}}
+
+
+def _set_depth(loops: Sequence[Any], tokens: Sequence[int]) -> dict[str, float]:
+    """The first loop evaluates the depth; the others (same model and cache settings) copy its cells."""
+    state = None
+    for loop in loops:
+        state = loop.set_depth(tokens, state)
+    return {}
 
 
 def _serve(conn: Any, role: str, path: str, settings: BenchSettings, chat: bool) -> None:
@@ -541,35 +622,60 @@ class BenchResult:
 def compare(path: str | Path, *, prompt_tokens: int = 512, gen_tokens: int = 128, repeat: int = 5,
             threads: int | None = None, chat: bool = True, swa_full: bool = False,
             seed: int = SEED, rpc: Sequence[str] | None = None,
-            tensor_split: Sequence[float] | None = None) -> BenchResult:
-    """Speed of r7b and raw in turns on the same prompt, weights and context settings; then each one's memory."""
-    if prompt_tokens < 2 or gen_tokens < 1 or repeat < 1:
-        raise R7BError("need --prompt-tokens >= 2, --gen-tokens >= 1 and --repeat >= 1")
-    if not Path(path).is_file():
-        raise R7BError(f"no such model file: {path}")
-    validate_gguf(path, arch=None)  # before llama.cpp parses it
-    settings = BenchSettings(n_ctx=pad(prompt_tokens + gen_tokens), n_threads=threads or default_threads(),
+            tensor_split: Sequence[float] | None = None, depth: int = 0, flash_attn: str = "auto",
+            kv_type: str = "f16", memory: bool = True) -> BenchResult:
+    """Speed of r7b and raw in turns on the same prompt, weights and context settings; then each one's memory.
+
+    `memory=False` skips the separate processes that measure peak RSS (at a large depth each one
+    evaluates the depth again); the KV and compute bytes still come from the speed process.
+    """
+    _check_args(path, prompt_tokens, gen_tokens, repeat, depth, flash_attn, kv_type)
+    settings = BenchSettings(n_ctx=pad(depth + prompt_tokens + gen_tokens), n_threads=threads or default_threads(),
                              swa_full=swa_full, rpc=tuple(rpc or ()), tensor_split=tuple(tensor_split) if tensor_split
-                             else None)
-    tokens = random_prompt(path, prompt_tokens, seed)
+                             else None, kv_type=kv_type, flash_attn=flash_attn)
+    everything = random_prompt(path, depth + prompt_tokens, seed)
+    before, tokens = everything[:depth], everything[depth:]
     runs: dict[str, list[dict[str, float]]] = {"r7b": [], "raw": [], "chat": []}
-    with BenchProcess("speed", path, settings, chat) as worker:
-        with_chat = chat and not worker.info["no_chat"]
+    with BenchProcess("speed", path, settings, chat and not depth) as worker:
+        with_chat = chat and not depth and not worker.info["no_chat"]
         sides = [side for side in runs if side != "chat" or with_chat]
         for side in sides:
             worker.run(side, tokens[:WARMUP[0]], WARMUP[1])
+        if depth:
+            worker.run("depth", before, 0)
         redone = _take_turns(worker, sides, tokens, gen_tokens, repeat, runs)
-    figures = {side: _figures(runs[side], *memory(path, side, settings, tokens, min(repeat, MEM_REPEAT)))
-               for side in ("r7b", "raw")}
+    used = worker.info["flash_attn"]
+    raw_settings = replace(settings, flash_attn=used["r7b"])
+    figures = {}
+    for side, s in (("r7b", settings), ("raw", raw_settings)):
+        peaks, facts = measure_memory(path, side, s, before, tokens, min(repeat, MEM_REPEAT)) if memory else (
+            [], worker.info if side == "r7b" else worker.info["raw"])
+        figures[side] = _figures(runs[side], peaks, facts["kv_bytes"], facts["compute_bytes"])
     ratio = {**paired_ratios(runs["r7b"], runs["raw"], TIMED), **ratios(
-        {k: figures["r7b"][k] for k in ("peak_rss_bytes", "kv_bytes")}, figures["raw"])}
+        {k: v for k, v in figures["r7b"].items() if k not in TIMED}, figures["raw"])}
     if runs["chat"]:
         ratio["chat_tg_tps"] = paired_ratios(runs["chat"], runs["raw"], ["tg_tps"])["tg_tps"]
-    info = model_info(path, prompt_tokens + gen_tokens // 2)
+    info = model_info(path, depth + prompt_tokens + gen_tokens // 2, kv_type)
     shown = {k: v for k, v in asdict(settings).items() if v or k not in ("rpc", "tensor_split")}  # only when used
-    return BenchResult(info, {**shown, "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
-                              "repeat": repeat, "kv_type": "f16", "seed": seed, "redone": redone},
-                       figures["r7b"], figures["raw"], ratio, _chat_figures(runs["chat"]), worker.info["no_chat"])
+    note = worker.info["no_chat"] or ("Model.chat is not timed at a depth" if chat and depth else None)
+    return BenchResult(info, {**shown, "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "depth": depth,
+                              "repeat": repeat, "flash_attn_used": used, "seed": seed, "redone": redone},
+                       figures["r7b"], figures["raw"], ratio, _chat_figures(runs["chat"]), note)
+
+
+def _check_args(path: str | Path, prompt_tokens: int, gen_tokens: int, repeat: int, depth: int, flash_attn: str,
+                kv_type: str) -> None:
+    if prompt_tokens < 2 or gen_tokens < 1 or repeat < 1 or depth < 0:
+        raise R7BError("need --prompt-tokens >= 2, --gen-tokens >= 1, --repeat >= 1 and --depth >= 0")
+    if flash_attn not in FLASH_ATTN:
+        raise R7BError(f"--flash-attn must be one of {', '.join(FLASH_ATTN)}")
+    kv_type_id(kv_type)
+    if flash_attn == "off" and kv_type not in ("f16", "f32", "bf16"):
+        raise R7BError(f"a {kv_type} KV cache needs flash attention (llama.cpp refuses a quantized V cache "
+                       "without it); use --flash-attn on or auto")
+    if not Path(path).is_file():
+        raise R7BError(f"no such model file: {path}")
+    validate_gguf(path, arch=None)  # before llama.cpp parses it
 
 
 def _take_turns(worker: BenchProcess, sides: list[str], tokens: Sequence[int], n_gen: int, repeat: int,
@@ -591,18 +697,25 @@ def _take_turns(worker: BenchProcess, sides: list[str], tokens: Sequence[int], n
     return redone
 
 
-def memory(path: str | Path, side: str, settings: BenchSettings, tokens: Sequence[int],
-           repeat: int) -> tuple[list[float], int]:
-    """Peak RSS of runs (the prompt, then a few tokens) in a process holding only `side`, and its KV bytes."""
+def measure_memory(path: str | Path, side: str, settings: BenchSettings, depth: Sequence[int], tokens: Sequence[int],
+                   repeat: int) -> tuple[list[float], dict[str, Any]]:
+    """Peak RSS of runs (the prompt after the depth, then a few tokens) in a process holding only `side`,
+    and what llama.cpp said about its context (KV and compute bytes)."""
     with BenchProcess(side, path, settings) as worker:
         worker.run(side, tokens[:WARMUP[0]], WARMUP[1])
+        if depth:
+            worker.run("depth", depth, 0)
         peaks = [worker.run(side, tokens, MEM_GEN)["peak_rss_bytes"] for _ in range(repeat)]
-    return peaks, worker.info["kv_bytes"]
+    return peaks, worker.info
 
 
-def _figures(runs: list[dict[str, float]], peaks: list[float], kv_bytes: int) -> dict[str, Spread]:
+def _figures(runs: list[dict[str, float]], peaks: list[float], kv_bytes: int,
+             compute_bytes: int) -> dict[str, Spread]:
     figs = summarize([{k: run[k] for k in TIMED} for run in runs])
-    return {**figs, "peak_rss_bytes": Spread.of(peaks), "kv_bytes": Spread.of([float(kv_bytes)])}
+    figs.update(kv_bytes=Spread.of([float(kv_bytes)]), compute_bytes=Spread.of([float(compute_bytes)]))
+    if peaks:
+        figs["peak_rss_bytes"] = Spread.of(peaks)
+    return figs
 
 
 def _chat_figures(runs: list[dict[str, float]]) -> dict[str, Spread] | None:
@@ -620,23 +733,34 @@ def fmt_spread(s: Spread, scale: float = 1.0, digits: int = 2) -> str:
 def _rows(result: BenchResult) -> Iterator[tuple[str, str, float, int]]:
     """(label, metric, scale, digits) of the table rows."""
     s = result.settings
-    yield f"pp{s['prompt_tokens']} t/s", "pp_tps", 1.0, 2
-    yield f"tg{s['gen_tokens']} t/s", "tg_tps", 1.0, 2
+    at = f" @ d{s['depth']}" if s.get("depth") else ""
+    yield f"pp{s['prompt_tokens']}{at} t/s", "pp_tps", 1.0, 2
+    yield f"tg{s['gen_tokens']}{at} t/s", "tg_tps", 1.0, 2
     yield "TTFT ms", "ttft_s", 1e3, 1
     yield "peak RSS MiB", "peak_rss_bytes", 1 / MIB, 1
     yield "KV cache MiB", "kv_bytes", 1 / MIB, 2
+    yield "compute buffer MiB", "compute_bytes", 1 / MIB, 2
+
+
+def settings_text(s: Mapping[str, Any]) -> str:
+    """'KV f16, flash attention auto (on)': the settings as asked and what llama.cpp ran with."""
+    used = s.get("flash_attn_used") or {}
+    ran = "/".join(sorted(set(used.values()))) or "?"
+    return f"KV {s.get('kv_type', 'f16')}, flash attention {s.get('flash_attn', 'auto')} ({ran})"
 
 
 def format_table(result: BenchResult) -> str:
     """A markdown table: one row per figure, r7b and raw side by side, and their ratio."""
     m, s = result.model, result.settings
     head = (f"{Path(m.path).name}: {m.desc}, {m.size_bytes / MIB:.1f} MiB, {m.n_params / 1e6:.1f} M params; "
-            f"{s['n_threads']} threads, n_ctx {s['n_ctx']}, KV f16, "
+            f"{s['n_threads']} threads, n_ctx {s['n_ctx']}, {settings_text(s)}, "
             f"{'full' if s['swa_full'] else 'small'} SWA cache, {s['repeat']} repeats (median (min–max))"
             + (f"; {s['redone']} rounds run again because other processes were busy" if s.get("redone") else "")
             + (f"; layers shared with RPC workers {','.join(s['rpc'])}" if s.get("rpc") else ""))
     lines = [head, "", "| test | r7b | raw llama.cpp | r7b/raw |", "| --- | ---: | ---: | ---: |"]
     for label, key, scale, digits in _rows(result):
+        if key not in result.r7b or key not in result.raw:
+            continue
         lines.append(f"| {label} | {fmt_spread(result.r7b[key], scale, digits)} | "
                      f"{fmt_spread(result.raw[key], scale, digits)} | {result.ratio[key]:.3f} |")
     if result.chat:
@@ -670,6 +794,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-chat", action="store_true", help="skip the Model.chat streaming figure")
     p.add_argument("--bandwidth", action="store_true",
                    help="also measure the machine's memory bandwidth and how much of it decoding uses")
+    p.add_argument("--depth", type=int, default=0, metavar="N",
+                   help="tokens already in the context when the prompt is evaluated and decoding starts, as "
+                        "llama-bench's -d (default 0)")
+    p.add_argument("--flash-attn", choices=list(FLASH_ATTN), default="auto",
+                   help="flash attention: on, off, or auto (the engine's default)")
+    p.add_argument("--kv-type", default="f16", choices=list(KV_TYPES), metavar="TYPE",
+                   help=f"KV cache type: {', '.join(KV_TYPES)} (default f16; a quantized V cache needs flash "
+                        "attention)")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the peak-RSS processes (each evaluates the depth again)")
     p.add_argument("--seed", type=int, default=SEED, help="seed of the random prompt")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_rpc_options(p)
@@ -681,7 +815,8 @@ def _main(args: argparse.Namespace) -> int:
         raise R7BError("--threads must be at least 1")
     result = compare(args.model, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
                      repeat=args.repeat, threads=args.threads, chat=not args.no_chat, seed=args.seed,
-                     **rpc_kwargs(args))
+                     depth=args.depth, flash_attn=args.flash_attn, kv_type=args.kv_type,
+                     memory=not args.no_memory, **rpc_kwargs(args))
     if args.bandwidth:
         result.bandwidth = memory_bandwidth(result.settings["n_threads"])
     print(json.dumps(result.to_json(), indent=2) if args.json else format_table(result))

@@ -16,20 +16,42 @@ from typing import Any, Callable, Sequence
 import llama_cpp
 
 F16 = 1  # GGML_TYPE_F16
+FLASH_ATTN_AUTO = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+
+
+def seq_state(ctx: Any) -> tuple[Any, int]:
+    """Sequence 0's KV cells (a buffer and its used length), as llama-bench keeps the context of a
+    depth run between repetitions."""
+    size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+    buf = (ctypes.c_uint8 * size)()
+    return buf, llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
+
+
+def restore_seq_state(ctx: Any, state: tuple[Any, int]) -> None:
+    """Put back what `seq_state` saved into a cleared context."""
+    buf, size = state
+    if llama_cpp.llama_state_seq_set_data(ctx, buf, size, 0) == 0:
+        raise RuntimeError("llama.cpp could not restore the saved context")
 
 
 class RawLoop:
-    """One context on a loaded model, cleared before each run; mirrors the engine's context settings."""
+    """One context on a loaded model, cleared before each run; mirrors the engine's context settings.
+
+    `kv_type` is a GGML type id and `flash_attn` a llama_flash_attn_type, so that the caller
+    decides what the engine's names mean (the same values reach both sides).
+    """
 
     def __init__(self, model: Any, *, n_ctx: int, n_batch: int, n_threads: int, swa_full: bool = False,
-                 owns_model: bool = False):
+                 kv_type: int = F16, flash_attn: int = FLASH_ATTN_AUTO, owns_model: bool = False):
         self.model, self.owns_model, self.n_batch = model, owns_model, n_batch
+        self.depth_state: tuple[Any, int] | None = None
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = n_batch
         params.n_threads = params.n_threads_batch = n_threads
-        params.type_k = params.type_v = F16
+        params.type_k = params.type_v = kv_type
+        params.flash_attn_type = flash_attn
         params.swa_full = swa_full
         params.n_seq_max = 1
         self.ctx = llama_cpp.llama_init_from_model(model, params)
@@ -50,19 +72,36 @@ class RawLoop:
             raise RuntimeError(f"llama.cpp could not load {path}")
         return cls(model, owns_model=True, **context)
 
-    def run(self, tokens: Sequence[int], n_gen: int,
-            clock: Callable[[], float]) -> tuple[float, float, float, float]:
-        """Prefill `tokens` into an empty cache, then greedily generate `n_gen` tokens (EOG ignored).
-
-        Returns the clock at start, after prefill, at the first token and at the end.
-        """
+    def set_depth(self, tokens: Sequence[int], state: tuple[Any, int] | None = None) -> tuple[Any, int] | None:
+        """Evaluate `tokens` once (or take `state`, another context's evaluation of them) and start every
+        later run from them (llama-bench's -d); returns the state."""
         llama_cpp.llama_memory_clear(self.mem, True)
-        t_start = clock()
+        self.depth_state = None
+        if tokens and state is None:
+            self._prefill(tokens)
+            state = seq_state(self.ctx)
+        self.depth_state = state if tokens else None
+        return self.depth_state
+
+    def _prefill(self, tokens: Sequence[int]) -> None:
         for i in range(0, len(tokens), self.n_batch):
             chunk = tokens[i:i + self.n_batch]
             arr = (llama_cpp.llama_token * len(chunk))(*chunk)
             if llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(arr, len(chunk))) != 0:
                 raise RuntimeError("llama_decode failed during prefill")
+
+    def run(self, tokens: Sequence[int], n_gen: int,
+            clock: Callable[[], float]) -> tuple[float, float, float, float]:
+        """Prefill `tokens` after the depth (an empty cache without one), then greedily generate `n_gen`
+        tokens (EOG ignored).
+
+        Returns the clock at start, after prefill, at the first token and at the end.
+        """
+        llama_cpp.llama_memory_clear(self.mem, True)
+        if self.depth_state:
+            restore_seq_state(self.ctx, self.depth_state)
+        t_start = clock()
+        self._prefill(tokens)
         t_prefilled = clock()
         t_first = t_prefilled
         one = (llama_cpp.llama_token * 1)()

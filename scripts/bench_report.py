@@ -4,10 +4,14 @@ Speed against bare llama.cpp on the stand-in and on a synthetic half-billion-par
 (Q8_0, Q4_K_M, Q4_0, built here with `r7b convert` and `r7b quantize`), decode against the
 machine's memory bandwidth, scaling with context depth and prompt length, KV-cache memory
 with the small and the full sliding-window cache, time to first token in a long chat with and
-without prefix reuse, and the memory and throughput of conversion at two model sizes.
+without prefix reuse, and the memory and throughput of conversion at two model sizes. Beside
+llama.cpp's own tools (`make peers`): flash attention × KV cache type × depth with llama-bench and
+`r7b bench`, the attention-score buffer, quantize/imatrix/eval against llama-quantize,
+llama-imatrix and llama-perplexity (scripts/peer_bench.py), and `r7b serve` against llama-server
+under concurrent clients (scripts/serve_bench.py).
 
-    .venv/bin/python scripts/bench_report.py           # about 10-15 minutes on 2 cores
-    .venv/bin/python scripts/bench_report.py --quick   # every step, small sizes, ~1 minute
+    .venv/bin/python scripts/bench_report.py           # about 45-60 minutes on 2 cores (depth 16K dominates)
+    .venv/bin/python scripts/bench_report.py --quick   # every step, small sizes, ~5 minutes on a quiet machine
     .venv/bin/python scripts/bench_report.py --render  # rewrite the report from the last run's data
 """
 
@@ -27,6 +31,8 @@ from typing import Any, Callable, Sequence
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import peer_bench  # noqa: E402
+import serve_bench  # noqa: E402
 import synthetic_model  # noqa: E402
 
 from r7b.quality import bench  # noqa: E402
@@ -75,6 +81,12 @@ class BusyMeter:
         wall = time.monotonic() - self._t0
         others = (bench.cpu_busy_seconds() - self._busy0) - (_our_cpu_seconds() - self._ours0)
         self.cores = max(0.0, others / wall) if wall > 0 else 0.0
+        self.wall_s = wall
+
+
+def f16_path(work: Path, plan: Plan) -> Path:
+    """The benchmarked synthetic model's F16 file, which build_models keeps."""
+    return work / f"synth-{plan.layers[0]}l-F16.gguf"
 
 
 def _our_cpu_seconds() -> float:
@@ -154,7 +166,8 @@ def build_models(work: Path, plan: Plan) -> tuple[dict[str, Path], list[dict[str
                 models[q] = out
             else:
                 out.unlink()
-        f16.unlink()
+        if layers != plan.layers[0]:
+            f16.unlink()  # the benchmarked model's F16 stays, for the comparisons with llama.cpp's tools
         shutil.rmtree(snap)
         log(f"built and measured the {layers}-layer model")
     return models, rows
@@ -181,7 +194,7 @@ def scaling(path: Path, plan: Plan, threads: int) -> dict[str, list[tuple[int, f
     """Prefill speed by prompt length and decode speed by depth, through the project's engine."""
     top = max(max(plan.depths), max(plan.pp_lengths))
     tokens = bench.random_prompt(path, top)
-    settings = bench.Settings(n_ctx=pad(top + plan.depth_gen), n_threads=threads)
+    settings = bench.BenchSettings(n_ctx=pad(top + plan.depth_gen), n_threads=threads)
     with bench.llama_log():
         loop = bench.R7bLoop(path, settings)
         try:
@@ -414,7 +427,26 @@ def md_summary(data: dict[str, Any]) -> list[str]:
                      f"re-evaluating ({last['fresh_ttft'] / last['reuse_ttft']:.1f}×)"))
     if data.get("convert"):
         rows.append(("conversion peak RSS vs model size", _convert_text(data["convert"])))
+    rows += _peer_summary(data)
     return ["## Summary", "", *md_table(("goal", "measured"), rows, "ll")]
+
+
+def _peer_summary(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """Summary rows of the comparisons with llama.cpp's tools, where they ran."""
+    rows = []
+    if "peers" in data:
+        deep = [r for r in data["peers"]["depth_rows"] if r["test"] == "tg" and r["depth"]]
+        rows.append(("r7b default decode ≥ 0.95 × llama-bench's fastest setting, at depth",
+                     ", ".join(f"d{r['depth']}: {r['vs_fastest']:.3f} ({r['fastest_setting']} fastest)" for r in deep)))
+        checks = data["peers"].get("peers") or {}
+        if checks:
+            rows.append(("quantize, imatrix, eval match llama.cpp's tools",
+                         ", ".join(f"{k} {'pass' if v['ok'] else 'FAIL'}" for k, v in checks.items())))
+    if "serve" in data:
+        g = serve_bench.goals(data["serve"])
+        rows.append(("r7b serve at 4 clients ≥ 1.3 × serial and ≥ llama-server",
+                     f"{_cell(g['vs_serial'])} × serial, {_cell(g['vs_llama_server'])} × llama-server"))
+    return rows
 
 
 def _depth0_text(data: dict[str, Any], limit: float) -> str:
@@ -577,6 +609,146 @@ def md_convert(data: dict[str, Any]) -> list[str]:
                     rows, "rrllrrrr")]
 
 
+
+# -- beside llama.cpp's own tools -------------------------------------------------------------------------
+
+# Published llama-bench figures for flash attention on GPUs (this VM has none); tokens/s, fa 0 -> fa 1.
+GPU_FA_FIGURES = (
+    ("Metal, Apple M3 Pro (18 GPU cores)", "Llama 3 8B Q4_K_M",
+     "pp512 308.84 → 324.32 (+5.0%); tg128 24.88 → 25.75 (+3.5%)", "https://github.com/ggml-org/llama.cpp/pull/5021"),
+    ("Metal, Apple M1 Ultra (64 GPU cores)", "Llama 3 8B Q4_K_M", "pp +8–9%, tg +6% (summary in the same comment)",
+     "https://github.com/ggml-org/llama.cpp/pull/5021"),
+    ("CUDA, RTX 4090", "Qwen2.5-Coder 3B Q4_0", "pp512 18155 → 22104 (+22%)",
+     "https://github.com/ggml-org/llama.cpp/pull/12183"),
+)
+
+
+def _fa_label(fa: str, kv: str) -> str:
+    return f"fa {fa}, {kv}"
+
+
+def _cell(v: float | None, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def md_matrix(data: dict[str, Any]) -> list[str]:
+    """llama-bench and r7b bench over flash attention × KV type × depth."""
+    peers = data["peers"]
+    rows_in, plan = peers["matrix"], peers["plan"]
+    rows = []
+    for depth in plan.depths:
+        for fa, kv in (("auto", "f16"), *peer_bench.COMBOS):
+            cells = [f"d{depth}", "r7b default (auto, f16)" if fa == "auto" else _fa_label(fa, kv)]
+            for test in ("pp", "tg"):
+                lb = peer_bench.tps(rows_in, "llama-bench", fa, kv, test, depth) if fa != "auto" else None
+                ours = [r for r in rows_in if (r["tool"], r["fa"], r["kv"], r["test"], r["depth"]) ==
+                        ("r7b", fa, kv, test, depth)]
+                r = ours[0] if ours else None
+                cells += [_cell(lb), _cell(r and r["tps"]), _cell(r and r["ratio_raw"], 3)]
+            used = next((r["fa_used"] for r in rows_in if r["tool"] == "r7b" and r["fa"] == fa and r["kv"] == kv
+                         and r["depth"] == depth), "?")
+            cells.append(used)
+            rows.append(cells)
+    pp, tg = f"pp{plan.prompt}", f"tg{plan.gen}"
+    return ["## Flash attention and KV cache type by depth", "",
+            f"Synthetic Q4_K_M, {data['threads']} threads, batch 512. llama-bench: `-p {plan.prompt} -n {plan.gen} "
+            f"-d {','.join(map(str, plan.depths))} -fa 0|1 -ctk/-ctv f16|q8_0 -b 512 -ub 512 -r {plan.repeat}` "
+            "(mean t/s); a q8_0 V cache needs flash attention, so fa off is run with f16 only. r7b: "
+            f"`r7b bench MODEL --depth D --prompt-tokens {plan.prompt} --gen-tokens {plan.gen} --repeat {plan.repeat} "
+            "--flash-attn F --kv-type K --no-memory --no-chat` (median t/s; r7b/raw against its bare llama.cpp loop "
+            "on the same settings). Both evaluate the depth once and restore it before each repetition. "
+            f"Background load: {data['busy']['peers']:.2f} cores of other processes (load average before / after: "
+            f"{peers['load_before']} / {peers['load_after']}).", "",
+            *md_table(("depth", "setting", f"{pp} llama-bench", f"{pp} r7b", "r7b/raw", f"{tg} llama-bench",
+                       f"{tg} r7b", "r7b/raw", "flash attention run"), rows, "llrrrrrrl")]
+
+
+def md_defaults(data: dict[str, Any]) -> list[str]:
+    """r7b's default beside the settings llama-server and llama-cpp-python pick, at each depth."""
+    peers = data["peers"]
+    rows = [(f"{r['test']} @ d{r['depth']}", _cell(r["r7b"]), _cell(r["llama_server"]), _cell(r["llama_cpp_python"]),
+             f"{_cell(r['fastest'])} ({r['fastest_setting']})", f"{r['vs_server']:.3f}", f"{r['vs_lcp']:.3f}",
+             f"{r['vs_fastest']:.3f}") for r in peers["depth_rows"]]
+    return ["## Defaults by depth", "",
+            "r7b's default (`--flash-attn auto`, f16 KV: on the CPU auto is off, except that a quantized V cache "
+            "turns it on) measured through `r7b bench`; llama-server's default (`-fa auto`, which llama.cpp resolves "
+            "to on wherever the backend has the kernel, the CPU included: common/arg.cpp, src/llama-context.cpp; f16 "
+            "KV) and llama-cpp-python's default (`Llama(flash_attn=False)`, llama_cpp/llama.py; f16 KV) measured "
+            "through llama-bench with those settings. The goal: r7b's decode at 4K and 16K within 5% of the "
+            "fastest setting llama-bench finds.", "",
+            *md_table(("test", "r7b default t/s", "llama-server default t/s", "llama-cpp-python default t/s",
+                       "fastest (llama-bench)", "r7b / llama-server", "r7b / llama-cpp-python", "r7b / fastest"),
+                      rows, "lrrrlrrr")]
+
+
+def md_buffers(data: dict[str, Any]) -> list[str]:
+    """The attention-score buffer: measured on the synthetic model, computed for Command R7B."""
+    b = data["peers"]["buffers"]
+    meas = [(f"{r['n_ctx'] // 1024}K", r["fa"], format_bytes(r["measured"]),
+             format_bytes(r["estimated"]) if r["estimated"] is not None else "–",
+             format_bytes(r["scores"]) if r["scores"] else "–") for r in b["synthetic"]]
+    r7b = [(f"{r['n_ctx'] // 1024}K", format_bytes(r["scores"]),
+            format_bytes(r["estimated_off"]) if r["estimated_off"] is not None else "–",
+            format_bytes(r["estimated_on"]) if r["estimated_on"] is not None else "–") for r in b["r7b"]]
+    return ["## The attention-score buffer", "",
+            "Without flash attention llama.cpp materializes each micro-batch's attention scores: heads × n_ubatch × "
+            "KV cells × 4 bytes for a global layer (f32), reserved up front for the whole context. With flash "
+            "attention the scores are computed in tiles and never stored, so the compute buffer does not grow "
+            "with the context. Measured: the compute buffers llama.cpp reports when it creates the context "
+            f"(synthetic model, {b['n_heads']} heads, n_ubatch 512, f16 KV), beside r7b.memory's estimate and "
+            "the scores alone:", "",
+            *md_table(("context", "flash attention", "compute buffer (llama.cpp)", "r7b.memory estimate",
+                       "scores alone"), meas, "llrrr"),
+            f"Command R7B ({b['r7b_heads']} heads), computed (n_ubatch 512):", "",
+            *md_table(("context", "scores alone, fa off", "compute buffer, fa off", "compute buffer, fa on"),
+                      r7b, "lrrr"),
+            "That is what turning flash attention off costs in memory; a quantized (q8_0) V cache needs flash "
+            "attention, so it keeps the small buffer and halves the KV cache, at the decode speed shown above.", ""]
+
+
+def md_gpu_fa() -> list[str]:
+    rows = [(dev, model, figs, f"<{url}>") for dev, model, figs, url in GPU_FA_FIGURES]
+    return ["## Flash attention on Metal and CUDA (published figures)", "",
+            "These cannot be measured on this VM. `--flash-attn auto` leaves the choice to llama.cpp where layers "
+            "are offloaded (`--gpu-layers`), and llama.cpp turns flash attention on for Metal and CUDA, where "
+            "llama-bench runs published in llama.cpp's pull requests show it winning:", "",
+            *md_table(("backend", "model", "fa 0 → fa 1, t/s", "source"), rows, "llll")]
+
+
+def md_peer_checks(data: dict[str, Any]) -> list[str]:
+    checks = data["peers"].get("peers")
+    if not checks:
+        return []
+    names = {"quantize": "`r7b quantize` vs llama-quantize (tensors byte-identical)",
+             "imatrix": "`r7b imatrix` vs llama-imatrix (values within 1e-4 relative)",
+             "eval": "`r7b eval` vs `llama-perplexity --kl-divergence` (mean KLD within 1%)"}
+    rows = [(names[k], "pass" if v["ok"] else "FAIL", v["line"]) for k, v in checks.items()]
+    return ["## r7b beside llama.cpp's tools: quantize, imatrix, eval", "",
+            "The comparisons of tests/test_peers.py (which `make test` runs on the stand-in), here on the synthetic "
+            f"{data['plan'].layers[0]}-layer F16 and its quantizations; same text (held-out English), context, "
+            "chunks, KV type and flash-attention mode on both sides.", "",
+            *md_table(("comparison", "result", "measured"), rows, "lll")]
+
+
+def md_serve(data: dict[str, Any]) -> list[str]:
+    sv = data["serve"]
+    plan = sv["plan"]
+    g = serve_bench.goals(sv)
+    goal = (f"At 4 clients: r7b / serial r7b = {_cell(g['vs_serial'])} (goal ≥ 1.3), r7b / llama-server = "
+            f"{_cell(g['vs_llama_server'])} (goal ≥ 1.0)." if g["vs_serial"] or g["vs_llama_server"] else
+            "4 clients were not run.")
+    missing = "" if sv["parallel_flag"] else (" This r7b serve has no --parallel, so only one client was run.")
+    return ["## Serving: r7b serve against llama-server", "",
+            f"Synthetic Q4_K_M, {sv['threads']} threads, {plan['n_ctx']} tokens of context per slot, batch 512, KV "
+            f"{sv['kv_type']}, flash attention {sv['flash_attn']} (run as {sv['flash_attn_used']} on both). For N "
+            f"clients each server has N slots (`r7b serve --parallel N --n-ctx {plan['n_ctx']}`; `llama-server -np N "
+            f"-c N×{plan['n_ctx']}`); r7b serial is `--parallel 1`. Each client streams one /v1/chat/completions "
+            f"request (a different ~{plan['prompt_words']}-word user prompt, temperature 0, max_tokens "
+            f"{plan['max_tokens']}), all started together; tok/s is every client's completion tokens over the time "
+            "to the last token; latency is a client's time to its last token. Median-throughput round of "
+            f"{plan['repeat']}. Background load: {data['busy']['serve']:.2f} cores.{missing}", "",
+            *serve_bench.table(sv), goal, ""]
+
 def write_report(out: Path, data: dict[str, Any]) -> Path:
     plan = data["plan"]
     head = ["# Benchmarks", "",
@@ -587,10 +759,11 @@ def write_report(out: Path, data: dict[str, Any]) -> Path:
             "show it). Rerun with `make bench`.", "",
             "Method, as in llama-bench: pp = prefill tokens/s, tg = decode tokens/s. Each figure is measured "
             "through r7b (`Engine.prefill` → `Engine.generate` → `TextStream`, and `Model.chat` streaming) and "
-            "through a minimal loop written straight on llama.cpp's C API (`runtime/bench_raw.py`), taking turns "
+            "through a minimal loop written straight on llama.cpp's C API (`quality/bench_raw.py`), taking turns "
             "in one process (rounds r7b, raw, chat, then chat, raw, r7b, ...), on the same loaded weights (each "
             "side has its own context), the same seeded random prompt (vocabulary ids without control tokens) and "
-            f"the same context settings (f16 KV, small sliding-window cache, batch 512, {data['threads']} threads). "
+            f"the same context settings (f16 KV, small sliding-window cache, batch 512, {data['threads']} threads, "
+            "flash attention as the engine resolves its default: off on the CPU). "
             "Sharing the weights matters: two loaded copies of one model measured 1–5 % apart in decode speed on "
             "this VM (separate processes up to 14 %), more than the effect measured. Each round starts once other "
             "processes have left the CPUs alone for 0.5 s and is run again if they took more than 0.2 cores during "
@@ -603,6 +776,10 @@ def write_report(out: Path, data: dict[str, Any]) -> Path:
     for key, section in (("scaling", md_scaling), ("kv", md_kv), ("ttft", md_ttft), ("convert", md_convert)):
         if key in data:
             body += section(data)
+    if "peers" in data:
+        body += ["", *md_matrix(data), *md_defaults(data), *md_buffers(data), *md_gpu_fa(), *md_peer_checks(data)]
+    if "serve" in data:
+        body += md_serve(data)
     path = out / "benchmarks.md"
     path.write_text("\n".join(head + body).rstrip() + "\n", encoding="utf-8")
     return path
@@ -633,6 +810,17 @@ def run(plan: Plan, work: Path, command: str) -> dict[str, Any]:
         with BusyMeter() as busy:
             data[key] = fn()
         data["busy"][key] = busy.cores
+        log(f"{key} done")
+    quick = plan == QUICK
+    for key, fn in (("peers", lambda: peer_bench.run_all(models["Q4_K_M"], f16_path(work, plan),
+                                                         peer_bench.QUICK if quick else peer_bench.FULL, threads,
+                                                         work / "peers")),
+                    ("serve", lambda: serve_bench.serve_bench(models["Q4_K_M"], serve_bench.QUICK if quick
+                                                              else serve_bench.FULL, threads, work / "serve"))):
+        with BusyMeter() as busy:
+            data[key] = fn()
+        data["busy"][key] = busy.cores
+        data.setdefault("section_s", {})[key] = busy.wall_s
         log(f"{key} done")
     data["total_s"] = time.monotonic() - t0
     return data

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -124,7 +125,7 @@ def _result() -> BenchResult:
     def figs(scale: float) -> dict[str, Spread]:
         return {"pp_tps": Spread(100.0 * scale, 90.0, 110.0), "tg_tps": Spread(20.0 * scale, 19.0, 21.0),
                 "ttft_s": Spread(0.5, 0.4, 0.6), "peak_rss_bytes": Spread(200 * MIB, 199 * MIB, 201 * MIB),
-                "kv_bytes": Spread(16 * MIB, 16 * MIB, 16 * MIB)}
+                "kv_bytes": Spread(16 * MIB, 16 * MIB, 16 * MIB), "compute_bytes": Spread(70 * MIB, 70 * MIB, 70 * MIB)}
 
     info = ModelInfo("build/m.gguf", "16L 1536h Q8_0", 480 * MIB, 452_000_000, 500_000_000)
     settings = {"n_ctx": 768, "n_threads": 2, "n_batch": 512, "swa_full": False, "prompt_tokens": 512,
@@ -191,3 +192,153 @@ def test_bench_refuses_a_missing_file(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("r7b bench: error: no such model file")
+
+
+# -- depth, flash attention and KV type; the comparisons with llama.cpp's tools ---------------------------
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def _script(name: str):
+    """A module from scripts/ (not a package)."""
+    import importlib
+
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    return importlib.import_module(name)
+
+
+def test_flash_attention_read_from_llama_log():
+    asked = "llama_context: flash_attn            = {}\n"
+    assert bench.flash_attn_from_log([asked.format("disabled")]) == "off"
+    assert bench.flash_attn_from_log([asked.format("enabled")]) == "on"
+    assert bench.flash_attn_from_log([asked.format("auto"), "llama_context: Flash Attention enabled\n"]) == "on"
+    assert bench.flash_attn_from_log([asked.format("auto"),
+                                      "llama_context: Flash Attention not supported, set to disabled\n"]) == "off"
+    # two contexts in one log: the last one counts
+    two = [asked.format("auto"), "Flash Attention enabled\n", asked.format("disabled")]
+    assert bench.flash_attn_from_log(two) == "off"
+
+
+def test_compute_buffer_from_llama_log():
+    lines = ["llama_context:        CPU compute buffer size =    70.50 MiB\n",
+             "llama_context:  CPU_Mapped compute buffer size =     1.50 MiB\n"]
+    assert bench.compute_bytes_from_log(lines) == 72 * MIB
+
+
+def _bench_json(model, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "r7b.cli", "bench", str(model), "--prompt-tokens", "16",
+                           "--gen-tokens", "4", "--repeat", "1", "--no-memory", "--json", *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_depth_and_attention_settings_reach_both_sides(stand_in_gguf):
+    model = stand_in_gguf("f16")
+    off = _bench_json(model, "--depth", "48", "--flash-attn", "off")
+    assert off["settings"]["depth"] == 48 and off["settings"]["n_ctx"] >= 48 + 16 + 4
+    assert off["settings"]["flash_attn_used"] == {"r7b": "off", "raw": "off"}
+    assert off["chat"] is None and "depth" in off["chat_note"]
+    q8 = _bench_json(model, "--depth", "48", "--flash-attn", "on", "--kv-type", "q8_0")
+    assert q8["settings"]["flash_attn_used"] == {"r7b": "on", "raw": "on"}
+    assert q8["settings"]["kv_type"] == "q8_0"
+    for side in ("r7b", "raw"):  # the raw loop's cache is q8_0 too: about half the f16 bytes
+        assert q8[side]["kv_bytes"]["median"] < 0.6 * off[side]["kv_bytes"]["median"]
+    assert q8["r7b"]["kv_bytes"] == q8["raw"]["kv_bytes"]
+    default = _bench_json(model)
+    used = default["settings"]["flash_attn_used"]
+    assert used["r7b"] == used["raw"] == bench.resolved_flash_attn("auto", "f16")
+
+
+def test_bench_refuses_a_quantized_v_cache_without_flash_attention(stand_in_gguf):
+    proc = subprocess.run([sys.executable, "-m", "r7b.cli", "bench", str(stand_in_gguf("f16")), "--kv-type", "q8_0",
+                           "--flash-attn", "off"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "needs flash attention" in proc.stderr
+
+
+def test_table_labels_depth_and_settings():
+    result = _result()
+    result.settings.update(depth=4096, flash_attn="auto", flash_attn_used={"r7b": "off", "raw": "off"})
+    text = bench.format_table(result)
+    assert "| pp512 @ d4096 t/s |" in text and "| tg128 @ d4096 t/s |" in text
+    assert "KV f16, flash attention auto (off)" in text
+
+
+def test_llama_bench_json_and_the_depth_table():
+    pb = _script("peer_bench")
+    out = json.dumps([{"n_prompt": 512, "n_gen": 0, "n_depth": 4096, "avg_ts": 100.0, "samples_ts": [99.0, 101.0]},
+                      {"n_prompt": 0, "n_gen": 32, "n_depth": 4096, "avg_ts": 20.0, "samples_ts": [20.0]}])
+    rows = pb.parse_llama_bench(out, "on", "f16") + pb.parse_llama_bench(out.replace("20.0", "25.0"), "off", "f16")
+    assert [(r["test"], r["depth"], r["tps"]) for r in rows[:2]] == [("pp", 4096, 100.0), ("tg", 4096, 20.0)]
+    rows += [{"tool": "r7b", "fa": "auto", "kv": "f16", "test": t, "depth": 4096, "tps": v}
+             for t, v in (("pp", 90.0), ("tg", 24.0))]
+    tg = [r for r in pb.depth_rows(rows, [4096]) if r["test"] == "tg"][0]
+    assert (tg["llama_server"], tg["llama_cpp_python"], tg["fastest"]) == (20.0, 25.0, 25.0)
+    assert tg["fastest_setting"] == "fa off, f16"
+    assert tg["vs_fastest"] == pytest.approx(0.96) and tg["vs_server"] == pytest.approx(1.2)
+
+
+def test_llama_bench_gets_the_same_settings(monkeypatch):
+    pb = _script("peer_bench")
+    monkeypatch.setattr(pb, "peer_binary", lambda name: Path("/peers") / name)
+    args = pb.llama_bench_args(Path("m.gguf"), "on", "q8_0", pb.FULL, 2)
+    joined = " ".join(args)
+    assert "-d 0,4096,16384" in joined and "-fa 1" in joined and "-ctk q8_0 -ctv q8_0" in joined
+    assert "-p 512 -n 32" in joined and "-t 2" in joined and "-b 512 -ub 512" in joined and "-o json" in joined
+
+
+def test_servers_get_the_same_slots_and_settings(monkeypatch):
+    sb = _script("serve_bench")
+    import peers
+
+    monkeypatch.setattr(peers, "peer_binary", lambda name: Path("/peers") / name)
+    plan = sb.ServePlan(clients=(4,), prompt_words=10, max_tokens=8, n_ctx=1024, repeat=1)
+    ours = " ".join(sb.r7b_command(Path("m.gguf"), 9000, 4, plan, 2, "off", "f16", True))
+    theirs = " ".join(sb.llama_server_command(Path("m.gguf"), 9001, 4, plan, 2, "off", "f16"))
+    assert "--parallel 4" in ours and "--n-ctx 1024" in ours and "--threads 2" in ours
+    assert "--flash-attn off --kv-type f16" in ours
+    assert "-np 4 -c 4096" in theirs and "-t 2" in theirs and "-fa off" in theirs and "-ctk f16 -ctv f16" in theirs
+    assert "--parallel" not in " ".join(sb.r7b_command(Path("m.gguf"), 9000, 1, plan, 2, "off", "f16", False))
+
+
+def test_serve_round_figures():
+    sb = _script("serve_bench")
+    r = sb.summarize_round([{"ttft_s": 0.5, "last_s": 2.0, "tokens": 64}, {"ttft_s": 1.0, "last_s": 4.0, "tokens": 64}])
+    assert r["tps"] == pytest.approx(32.0) and r["latency_max_s"] == 4.0 and r["ttft_median_s"] == 0.75
+    data = {"rows": [{"server": "r7b", "clients": 4, "tps": 130.0},
+                     {"server": "r7b serial", "clients": 4, "tps": 100.0},
+                     {"server": "llama-server", "clients": 4, "tps": 125.0}]}
+    g = sb.goals(data)
+    assert g["vs_serial"] == pytest.approx(1.3) and g["vs_llama_server"] == pytest.approx(1.04)
+
+
+def test_depth_is_kept_between_runs_and_shared_by_both_loops(stand_in_gguf):
+    import llama_cpp
+
+    from r7b.quality.bench_raw import RawLoop
+
+    path = stand_in_gguf("f16")
+    settings = bench.BenchSettings(n_ctx=256, n_threads=2, flash_attn="off")
+    tokens = bench.random_prompt(path, 100)
+    with bench.llama_log():
+        ours = bench.R7bLoop(path, settings)
+        raw = RawLoop(ours.engine.model.ptr, n_ctx=256, n_batch=512, n_threads=2, flash_attn=0)
+    try:
+        state = ours.set_depth(tokens[:64])
+        assert raw.set_depth(tokens[:64], state) is state
+        for _ in range(2):  # the second run starts from the depth again, not from the first run's end
+            for loop in (ours, raw):
+                bench.run_once(loop, tokens[64:80], 4, bench.time.perf_counter)
+            assert ours.engine.cached[:64] == tokens[:64] and len(ours.engine.cached) == 64 + 16 + 4
+            assert llama_cpp.llama_memory_seq_pos_max(raw.mem, 0) == 64 + 16 + 4 - 1
+        assert ours.engine.logits()[0] == pytest.approx(_raw_logits(raw)[0], rel=1e-3, abs=1e-3)
+    finally:
+        raw.close()
+        ours.close()
+
+
+def _raw_logits(raw):
+    import llama_cpp
+
+    return llama_cpp.llama_get_logits_ith(raw.ctx, -1)
