@@ -8,7 +8,7 @@ LLAMA_CPP_VERSION ?= 0.3.36
 export R7B_CACHE ?= $(HOME)/.cache/r7b-edge
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: install dev test demo fixture quality bench clean
+.PHONY: install dev test demo fixture quality bench rehearsal clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,11 +43,18 @@ fixture: $(VENV)/.dev
 quality: $(VENV)/.dev
 	$(BIN)/python scripts/quality_report.py
 
-bench: $(VENV)/.dev
+# Also runs llama.cpp's own tools beside r7b (llama-bench, llama-server, llama-quantize, llama-imatrix,
+# llama-perplexity): scripts/peer_bench.py and scripts/serve_bench.py, called by bench_report.py.
+bench: $(VENV)/.dev peers
 	$(BIN)/python scripts/bench_report.py
 	mkdir -p $(R7B_CACHE)/bench
 	$(BIN)/r7b convert tests/fixtures/tiny-r7b -o $(R7B_CACHE)/bench/tiny-r7b-F16.gguf --force -q
 	$(BIN)/python scripts/rpc_bench.py $(R7B_CACHE)/bench/tiny-r7b-F16.gguf
+
+# Every user step on a random-weights model of Command R7B's full size (about an hour on 2 cores, up to
+# 35 GB of disk at once); writes docs/rehearsal.md. Not part of `make test`.
+rehearsal: $(VENV)/.dev
+	$(BIN)/python scripts/rehearsal.py
 
 # llama.cpp's own tools (llama-bench, llama-server, ...) as a yardstick, built from the same
 # llama-cpp-python sdist into $(R7B_CACHE)/peers/<version>/bin, once per version (scripts/peers.sh).

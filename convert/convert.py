@@ -1,7 +1,8 @@
 """Convert a Hugging Face Command R7B checkpoint to GGUF (`r7b convert`).
 
-Tensors stream one at a time from memory-mapped safetensors into the GGUF writer, so peak memory
-stays near the largest tensor. Norm weights stay F32 as llama.cpp expects; matrices take the
+Tensors stream from the safetensors files into the GGUF file in blocks of rows, read, cast and
+written one block at a time, so peak memory is a few blocks whatever the model's size (the
+256,000-row embedding of the real model never sits in RAM whole). Norm weights stay F32 as llama.cpp expects; matrices take the
 requested type. The project's three chat templates are embedded so any GGUF runtime renders the
 prompt correctly.
 """
@@ -20,7 +21,7 @@ from r7b.cohere2 import ARCH, PRE_TOKENIZER, Cohere2Dims, gguf_name
 from r7b.errors import R7BError
 from r7b.fsutil import atomic_output, check_free_space, check_output_path
 
-from .checkpoint import TensorRef, bf16_to_f32, f32_to_bf16, read_dims, read_tensor, tensor_refs
+from .checkpoint import TensorRef, bf16_to_f32, f32_to_bf16, read_blocks, read_dims, tensor_refs
 from .hub import is_hub_id, resolve_checkpoint
 from .vocab import checkpoint_templates, read_vocab
 
@@ -157,11 +158,25 @@ def convert(source: str, output: str | Path | None = None, *, outtype: str = "f1
         total = sum(p.ref.nbytes for p in plan)
         with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
             for item in plan:
-                data = convert_tensor(read_tensor(item.ref), item.ref.dtype, item.qtype)
-                writer.write_tensor_data(data)
-                bar.update(item.ref.nbytes)
+                writer.write_tensor_data(TensorStream(item, bar))
         writer.close()
     return out
+
+
+class TensorStream:
+    """One tensor for `GGUFWriter.write_tensor_data`, which needs only `nbytes` and `tofile`:
+    the cast data is produced and written block by block instead of as one array."""
+
+    def __init__(self, item: PlannedTensor, bar: tqdm | None = None):
+        self.item, self.bar = item, bar
+        self.nbytes = _out_bytes(item)
+
+    def tofile(self, fh) -> None:
+        ref = self.item.ref
+        for block in read_blocks(ref):
+            convert_tensor(block, ref.dtype, self.item.qtype).tofile(fh)
+            if self.bar is not None:
+                self.bar.update(block.nbytes)
 
 
 def _out_bytes(item: PlannedTensor) -> int:

@@ -19,24 +19,22 @@ from llama_cpp import _logger as llama_logger
 
 from r7b.cohere2 import kv_type_id
 from r7b.errors import R7BError
+from r7b.memory import FULL_PRECISION_KV, flash_attn_path
 
 FLASH_ATTN = {"auto": ll.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": ll.LLAMA_FLASH_ATTN_TYPE_ENABLED,
               "off": ll.LLAMA_FLASH_ATTN_TYPE_DISABLED}
 _backend_ready = False
-PLAIN_KV_TYPES = ("f16", "f32", "bf16")  # cache types llama.cpp runs without flash attention
 
 
-def resolve_flash_attn(flash_attn: str, kv_type: str = "f16", offloaded: bool = False) -> str:
-    """What "auto" means: off on the CPU, where it measured faster at every depth (docs/benchmarks.md);
-    on for a quantized V cache, which needs it; llama.cpp's choice where layers run on a GPU (Metal,
-    CUDA), where flash attention wins."""
-    if flash_attn not in FLASH_ATTN:
-        raise R7BError(f"flash_attn must be one of {', '.join(FLASH_ATTN)}, not {flash_attn!r}")
-    if flash_attn != "auto":
-        return flash_attn
-    if kv_type not in PLAIN_KV_TYPES:
-        return "on"
-    return "auto" if offloaded else "off"
+def resolve_flash_attn(flash_attn: str, kv_type: str = "f16", offloaded: bool = False,
+                       n_ctx: int | None = None) -> str:
+    """What "auto" means: llama.cpp's own choice where layers run on a GPU (Metal, CUDA), where
+    flash attention wins; on the CPU, r7b.memory.flash_attn_path (off up to 32K tokens, where it
+    measured faster, on beyond and for a quantized V cache)."""
+    path = flash_attn_path(flash_attn, kv_type, n_ctx)
+    if flash_attn == "auto" and offloaded and kv_type in FULL_PRECISION_KV:
+        return "auto"
+    return path
 
 
 def default_threads() -> int:
@@ -200,7 +198,7 @@ class LlamaModel:
         p.swa_full = swa_full
         p.n_seq_max = n_seq_max
         p.kv_unified = kv_unified
-        p.flash_attn_type = FLASH_ATTN[resolve_flash_attn(flash_attn, kv_type, self.offloaded)]
+        p.flash_attn_type = FLASH_ATTN[resolve_flash_attn(flash_attn, kv_type, self.offloaded, n_ctx)]
         if cb_eval is not None:
             p.cb_eval, p.cb_eval_user_data = cb_eval, None
         with LlamaLog() as log:

@@ -79,7 +79,7 @@ class Engine:
 
     def __init__(self, path: str | os.PathLike, config: EngineConfig = EngineConfig()):
         kv_type_id(config.kv_type)
-        self.flash_attn = resolve_flash_attn(config.flash_attn, config.kv_type, config.n_gpu_layers != 0)
+        self.flash_attn = resolve_flash_attn(config.flash_attn, config.kv_type, config.n_gpu_layers != 0, config.n_ctx)
         self.path = Path(path)
         self.config = config
         self.n_threads = config.n_threads or default_threads()

@@ -131,11 +131,12 @@ class Model(TurnAPI):
         if endpoints and n_ctx >= 256:  # connects to the workers (each probed first)
             placement = rpc_mod.plan(endpoints, int(summary.metadata["cohere2.block_count"]), split)
         if check_memory:
-            check_fits(summary, n_ctx=n_ctx, kv_type=kv_type, swa_full=swa_full, placement=placement)
+            check_fits(summary, n_ctx=n_ctx, kv_type=kv_type, swa_full=swa_full, placement=placement,
+                       flash_attn=flash_attn)
         if n_ctx < 256:
             raise R7BError(f"n_ctx must be at least 256 tokens, got {n_ctx}")
         n_seq = plan_slots(summary, parallel, n_ctx=n_ctx, kv_type=kv_type, swa_full=swa_full,
-                           check_memory=check_memory)
+                           flash_attn=flash_attn, check_memory=check_memory)
         if n_seq > 1 and endpoints:
             raise R7BError("parallel slots are not available with RPC workers yet: use parallel=1")
         config = EngineConfig(n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads, n_gpu_layers=n_gpu_layers,

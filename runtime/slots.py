@@ -302,24 +302,25 @@ MAX_AUTO_SLOTS = 4
 
 
 def plan_slots(summary: Any, parallel: int | None, *, n_ctx: int, kv_type: str = "f16", swa_full: bool = False,
-               check_memory: bool = True) -> int:
+               flash_attn: str = "auto", check_memory: bool = True) -> int:
     """How many slots: `parallel` checked against free memory, or for None the most (up to 4) whose
     KV caches fit beside the weights; each slot holds `n_ctx` tokens."""
     from r7b.cohere2 import Cohere2Dims
-    from r7b.memory import available_memory, estimate_ram, format_bytes
+    from r7b.memory import available_memory, estimate_ram, format_bytes, repacked_bytes
 
     if parallel is not None and not 1 <= parallel <= llama_cpp.llama_max_parallel_sequences():
         raise R7BError(f"parallel must be between 1 and {llama_cpp.llama_max_parallel_sequences()}, not {parallel}")
     if parallel == 1 or (parallel is not None and not check_memory):
         return parallel
     one = estimate_ram(sum(t.nbytes for t in summary.tensors), Cohere2Dims.from_gguf_metadata(summary.metadata),
-                       n_ctx, kv_type=kv_type, swa_full=swa_full)
+                       n_ctx, kv_type=kv_type, swa_full=swa_full, flash_attn=flash_attn,
+                       repacked=repacked_bytes(summary.tensors))
     available = available_memory()
-    fits = 1 + max(0, available - one.total) // max(one.kv_cache, 1)
+    fits = 1 + max(0, available - one.working_set) // max(one.kv_cache, 1)
     if parallel is None:
         return int(max(1, min(MAX_AUTO_SLOTS, fits)))
     if parallel > fits:
-        need = one.total + (parallel - 1) * one.kv_cache
+        need = one.working_set + (parallel - 1) * one.kv_cache
         raise R7BError(f"{parallel} slots of {n_ctx} tokens need about {format_bytes(need)} (weights "
                        f"{format_bytes(one.weights)} + {parallel} x {kv_type} KV cache {format_bytes(one.kv_cache)} "
                        f"+ compute and runtime {format_bytes(one.compute + one.overhead)}) but only "

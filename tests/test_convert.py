@@ -203,6 +203,25 @@ def test_sharded_checkpoint_converts_identically(stand_in, stand_in_gguf, tmp_pa
         assert np.array_equal(np.asarray(ta.data), np.asarray(tb.data)), ta.name
 
 
+@pytest.mark.parametrize("outtype", ["f16", "bf16"])
+def test_block_size_does_not_change_the_output(stand_in, stand_in_gguf, tmp_path, monkeypatch, outtype):
+    """Tensors are streamed in blocks of rows; blocks of one row or several give the same file."""
+    from r7b.convert import checkpoint
+
+    monkeypatch.setattr(checkpoint, "BLOCK_BYTES", 1000)  # one row of the embedding per block, or a few rows
+    out = convert(str(stand_in), tmp_path / "blocks.gguf", outtype=outtype, progress=False)
+    assert out.read_bytes() == Path(stand_in_gguf(outtype)).read_bytes()
+
+
+def test_read_blocks_are_whole_rows(stand_in):
+    from r7b.convert.checkpoint import read_blocks, read_tensor, tensor_refs
+
+    ref = tensor_refs(stand_in)["model.embed_tokens.weight"]
+    blocks = list(read_blocks(ref, block_bytes=3000))
+    assert len(blocks) > 1 and all(b.size % ref.shape[-1] == 0 for b in blocks)
+    assert np.array_equal(np.concatenate(blocks).reshape(ref.shape), read_tensor(ref))
+
+
 def run_cli(*args, env=None):
     return subprocess.run(R7B + list(map(str, args)), capture_output=True, text=True, env=env, timeout=120)
 
