@@ -29,8 +29,8 @@ _backend_ready = False
 def resolve_flash_attn(flash_attn: str, kv_type: str = "f16", offloaded: bool = False,
                        n_ctx: int | None = None) -> str:
     """What "auto" means: llama.cpp's own choice where layers run on a GPU (Metal, CUDA), where
-    flash attention wins; on the CPU, r7b.memory.flash_attn_path (off up to 32K tokens, where it
-    measured faster, on beyond and for a quantized V cache)."""
+    flash attention wins; on the CPU, r7b.memory.flash_attn_path (off up to 32K tokens, much faster
+    at depth; on beyond, and for a quantized V cache)."""
     path = flash_attn_path(flash_attn, kv_type, n_ctx)
     if flash_attn == "auto" and offloaded and kv_type in FULL_PRECISION_KV:
         return "auto"

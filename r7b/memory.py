@@ -92,10 +92,12 @@ SCORES_MAX_CTX = 32768  # "auto" turns flash attention on past this context on t
 
 
 def flash_attn_path(flash_attn: str = "auto", kv_type: str = "f16", n_ctx: int | None = None) -> str:
-    """"on" or "off" on the CPU (r7b.llama.resolve_flash_attn uses it). "auto" is off, the faster
-    path at every depth measured (docs/benchmarks.md), except that a quantized V cache needs flash
-    attention, and past SCORES_MAX_CTX tokens, where the attention scores it would keep (2 GiB at
-    32K for R7B, 8 GiB at 128K) cost more memory than the KV cache itself."""
+    """"on" or "off" on the CPU (r7b.llama.resolve_flash_attn uses it). "auto" is off: from a few
+    thousand tokens of depth it decodes much faster (1.8x at 4K, docs/benchmarks.md), which is where
+    prompts with documents, tool results and long chats live; an empty context decodes about 5%
+    slower. Except that a quantized V cache needs flash attention, and past SCORES_MAX_CTX tokens,
+    where the attention scores it would keep (2 GiB at 32K for R7B, 8 GiB at 128K) cost more memory
+    than the KV cache itself."""
     if flash_attn not in FLASH_ATTN_VALUES:
         raise R7BError(f"flash_attn must be one of {', '.join(FLASH_ATTN_VALUES)}, not {flash_attn!r}")
     if flash_attn != "auto":

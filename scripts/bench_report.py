@@ -787,7 +787,9 @@ def write_report(out: Path, data: dict[str, Any]) -> Path:
 
 # -- main ----------------------------------------------------------------------------------------------
 
-def run(plan: Plan, work: Path, command: str) -> dict[str, Any]:
+def run(plan: Plan, work: Path, command: str, keep: Callable[[dict[str, Any]], None] = lambda data: None
+        ) -> dict[str, Any]:
+    """Every section in turn; `keep(data)` after each, so a failure late in the run loses nothing before it."""
     from r7b.convert.convert import convert
     from r7b.llama import default_threads
 
@@ -810,6 +812,7 @@ def run(plan: Plan, work: Path, command: str) -> dict[str, Any]:
         with BusyMeter() as busy:
             data[key] = fn()
         data["busy"][key] = busy.cores
+        keep(data)
         log(f"{key} done")
     quick = plan == QUICK
     for key, fn in (("peers", lambda: peer_bench.run_all(models["Q4_K_M"], f16_path(work, plan),
@@ -821,6 +824,7 @@ def run(plan: Plan, work: Path, command: str) -> dict[str, Any]:
             data[key] = fn()
         data["busy"][key] = busy.cores
         data.setdefault("section_s", {})[key] = busy.wall_s
+        keep(data)
         log(f"{key} done")
     data["total_s"] = time.monotonic() - t0
     return data
@@ -842,8 +846,11 @@ def main() -> None:
     if args.render:
         data = pickle.loads(saved.read_bytes())
     else:
-        data = run(plan, args.work, "make bench" if not args.quick else "scripts/bench_report.py --quick")
+        partial = saved.with_suffix(".partial.pickle")
+        data = run(plan, args.work, "make bench" if not args.quick else "scripts/bench_report.py --quick",
+                   keep=lambda sections: partial.write_bytes(pickle.dumps(sections)))
         saved.write_bytes(pickle.dumps(data))
+        partial.unlink(missing_ok=True)
     plot_all(out, data)
     log(f"wrote {write_report(out, data)}")
 

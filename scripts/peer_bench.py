@@ -190,8 +190,8 @@ def peer_checks(f16: Path, work: Path, threads: int, qtypes: Sequence[str] = ("Q
     work.mkdir(parents=True, exist_ok=True)
     text = ROOT / "tests" / "fixtures" / "held-out" / "en.txt"
     out: dict[str, Any] = {}
-    imx = _imatrices(tp, f16, text, work, threads)
-    out["imatrix"] = _check(lambda: _compare_imatrix(tp, imx))
+    imx: dict[str, Path] = {}
+    out["imatrix"] = _check(lambda: _compare_imatrix(tp, imx.update(_imatrices(tp, f16, text, work, threads)) or imx))
     made = {}
     out["quantize"] = _check(lambda: _compare_quantize(tp, f16, imx, work, threads, qtypes, made))
     out["eval"] = _check(lambda: _compare_eval(tp, f16, made, qtypes, text, work, threads))
@@ -212,7 +212,7 @@ def _imatrices(tp: Any, f16: Path, text: Path, work: Path, threads: int) -> dict
     from r7b.convert.imatrix import imatrix
 
     ours = Path(imatrix(f16, text, work / "imatrix-r7b.gguf", ctx=tp.CTX, chunks=tp.CHUNKS, threads=threads,
-                        progress=False)).resolve()
+                        force=True, progress=False)).resolve()  # a scratch folder: an earlier run's file goes
     theirs = (work / "imatrix-llama.gguf").resolve()
     tp.run_tool([peer_binary("llama-imatrix"), "-m", f16, "-f", text, "-c", tp.CTX, "--chunks", tp.CHUNKS,
                  "-t", threads, "-fa", bench.resolved_flash_attn(), "-o", theirs], work)
@@ -245,7 +245,8 @@ def _compare_quantize(tp: Any, f16: Path, imx: dict[str, Path], work: Path, thre
     for qtype in qtypes:
         for src in (None, "r7b", "llama"):
             ours, theirs = work / f"r7b-{qtype}-{src or 'none'}.gguf", work / f"llama-{qtype}-{src or 'none'}.gguf"
-            quantize(f16, ours, qtype, imatrix=imx[src] if src else None, threads=threads, progress=False)
+            quantize(f16, ours, qtype, imatrix=imx[src] if src else None, threads=threads, force=True,
+                     progress=False)
             tp.run_tool([peer_binary("llama-quantize"), *(["--imatrix", imx[src]] if src else []), f16, theirs,
                          qtype, threads], work)
             made.setdefault(qtype, ours)
