@@ -74,6 +74,16 @@ class Sampling:
         return self.dry_multiplier != 0.0 and self.dry_base >= 1.0 and self.dry_penalty_last_n != 0
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two sequences share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class Engine:
     """A loaded model with one context; not thread-safe (callers serialize access)."""
 
@@ -177,12 +187,8 @@ class Engine:
     def keep_prefix(self, cached: Sequence[int], tokens: Sequence[int], seq: int = 0) -> int:
         """How much of sequence `seq`'s cache (holding `cached`) the prompt `tokens` can keep; the rest
         of the sequence's cells are freed."""
-        n = 0
-        for a, b in zip(cached, tokens):
-            if a != b:
-                break
-            n += 1
-        n = min(n, len(tokens) - 1)  # the last prompt token is always evaluated, for its logits
+        # the last prompt token is always evaluated, for its logits
+        n = min(common_prefix(cached, tokens), len(tokens) - 1)
         if n > 0 and n < len(cached):
             pos_min = llama_cpp.llama_memory_seq_pos_min(self._mem, seq)
             window = self.n_swa if (self.n_swa and not self.config.swa_full) else 0

@@ -25,18 +25,9 @@ import llama_cpp
 from r7b.errors import R7BError
 from r7b.llama import Batch
 
-from .engine import Engine, Sampling
+from .engine import Engine, Sampling, common_prefix
 
 GRACE_S = 0.005  # how long a step waits for slow request threads, to keep their tokens in one batch
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class Slot:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 import sys
 from pathlib import Path
 
@@ -79,17 +78,8 @@ def _write_tensor(fh, shape: tuple[int, ...], block: np.ndarray, start: int) -> 
 
 
 def write_shard(path: Path, names: list[str], shapes: dict, block: np.ndarray, salt: int) -> None:
-    header, offset = {}, 0
-    for name in names:
-        nbytes = 2 * int(np.prod(shapes[name]))
-        header[name] = {"dtype": "BF16", "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header["__metadata__"] = {"format": "pt"}
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
     with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(head)))
-        fh.write(head)
+        fh.write(realvocab.safetensors_head({name: shapes[name] for name in names}))
         for i, name in enumerate(names):
             _write_tensor(fh, shapes[name], block, start=(salt + i) * 7_919_933)
 

@@ -378,30 +378,33 @@ def _bf16(values: np.ndarray) -> np.ndarray:
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
 
 
+def safetensors_head(shapes: dict[str, tuple[int, ...]]) -> bytes:
+    """A bf16 safetensors file's length-prefixed JSON header, the tensors laid out in `shapes`' order."""
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        nbytes = 2 * int(np.prod(shape))
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head
+
+
 def write_safetensors(path: Path, cfg: dict, seed: int = 0) -> None:
     """Random bf16 weights (matrices N(0, 0.02), norms 1) with transformers' names and shapes."""
     from r7b.cohere2 import Cohere2Dims
 
     rng = np.random.default_rng(seed)
     shapes = Cohere2Dims.from_hf_config(cfg).hf_weights()
-    header, blobs, offset = {}, [], 0
-    for name, shape in shapes.items():
-        if len(shape) == 1:
-            data = np.full(shape, 0x3F80, dtype=np.uint16)
-        else:
-            data = _bf16(rng.standard_normal(shape, dtype=np.float32) * 0.02)
-        raw = data.tobytes()
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    header["__metadata__"] = {"format": "pt"}
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
     with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(head)))
-        fh.write(head)
-        for raw in blobs:
-            fh.write(raw)
+        fh.write(safetensors_head(shapes))
+        for shape in shapes.values():
+            if len(shape) == 1:
+                data = np.full(shape, 0x3F80, dtype=np.uint16)
+            else:
+                data = _bf16(rng.standard_normal(shape, dtype=np.float32) * 0.02)
+            fh.write(data.tobytes())
 
 
 def checkpoint_dir(version: str | None = None) -> Path:
