@@ -46,7 +46,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -256,6 +256,20 @@ async def _sse(first: object, stream: EventStream, writer: ChunkWriter | EventWr
         stream.cancel()
 
 
+async def _answer(scheduler: Scheduler, chat: Any, request: Request, *, streamed: bool,
+                  whole: Callable[[ChatResult], dict], writer: Callable[[], ChunkWriter | EventWriter]):
+    """Run one chat request for either wire format: the whole answer as `whole(result)`, or its
+    events as server-sent events in `writer()`'s format."""
+    stream = scheduler.submit(chat)
+    async with cancel_on_disconnect(request, stream):
+        if not streamed:
+            return JSONResponse(whole(await _result(stream)))
+        first = await anext(stream, None)  # errors found before any output still get their status
+    if first is None:
+        raise APIError(503, "the generation was cancelled", type="server_error")
+    return StreamingResponse(_sse(first, stream, writer()), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
 def _validation_error(errors: list[dict]) -> APIError:
     if not errors:
         return APIError(400, "invalid request")
@@ -392,15 +406,8 @@ def _add_routes(app, scheduler: Scheduler, model_name: str, max_tokens: int | No
         chat = to_request(body, max_tokens)
         reply = Reply(model=model_name, citations=chat.wants_citations,
                       include_usage=bool(body.stream_options and body.stream_options.include_usage))
-        stream = scheduler.submit(chat)
-        async with cancel_on_disconnect(request, stream):
-            if not body.stream:
-                return JSONResponse(reply.completion(await _result(stream)))
-            first = await anext(stream, None)  # errors found before any output still get their status
-        if first is None:
-            raise APIError(503, "the generation was cancelled", type="server_error")
-        return StreamingResponse(_sse(first, stream, ChunkWriter(reply)), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+        return await _answer(scheduler, chat, request, streamed=bool(body.stream), whole=reply.completion,
+                             writer=lambda: ChunkWriter(reply))
 
     cohere_errors = {code: {"model": co.CohereError} for code in (400, 401, 413, 429, 500, 503)}
 
@@ -409,15 +416,8 @@ def _add_routes(app, scheduler: Scheduler, model_name: str, max_tokens: int | No
     async def cohere_chat(body: co.CohereChatRequest, request: Request):
         """Cohere's Chat API v2; `model` may name anything."""
         chat, reply = cohere_request(body, max_tokens)
-        stream = scheduler.submit(chat)
-        async with cancel_on_disconnect(request, stream):
-            if not body.stream:
-                return JSONResponse(reply.response(await _result(stream)))
-            first = await anext(stream, None)  # errors found before any output still get their status
-        if first is None:
-            raise APIError(503, "the generation was cancelled", type="server_error")
-        return StreamingResponse(_sse(first, stream, EventWriter(reply)), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+        return await _answer(scheduler, chat, request, streamed=bool(body.stream), whole=reply.response,
+                             writer=lambda: EventWriter(reply))
 
 
 def _check_model(name: str | None, served: str) -> None:
