@@ -11,7 +11,9 @@ per-round ratios) is what the Python layer costs (1.0 = nothing).
 
 Test names follow llama-bench: pp512 is prefill of 512 tokens, tg128 is generating 128 tokens
 (here right after that prompt, so at depth 512); with --depth N (llama-bench's -d), N tokens are
-evaluated once per side, kept, and every run starts from them ("pp512 @ d4096"). Both sides get the
+evaluated once per side, kept, and every run starts from them ("pp512 @ d4096"): the prompt is
+prefilled after them, and then, as llama-bench's "tg128 @ d4096", the cache goes back to the N
+tokens and decoding restarts from there with the first token. Both sides get the
 same KV cache type and the same flash-attention mode: the one the engine resolved its setting to
 (read from llama.cpp's log), so "auto" means the same thing on both. Prompts are seeded random ids from the
 vocabulary without control tokens, starting with BOS; generation ignores end-of-generation
@@ -66,6 +68,7 @@ class Timing:
     t_start: float
     t_prefilled: float
     t_first: float
+    t_gen: float  # decoding timed from here: t_prefilled, or at a depth the moment it restarts from there
     t_end: float
 
     @property
@@ -74,8 +77,8 @@ class Timing:
 
     @property
     def tg_tps(self) -> float:
-        """Sampling and decoding, token by token, after the prompt."""
-        return self.n_gen / (self.t_end - self.t_prefilled)
+        """Sampling and decoding, token by token, after the prompt (at a depth: after the depth)."""
+        return self.n_gen / (self.t_end - self.t_gen)
 
     @property
     def ttft_s(self) -> float:
@@ -121,7 +124,7 @@ def paired_ratios(ours: Sequence[Mapping[str, float]], base: Sequence[Mapping[st
 
 
 def run_once(loop: Any, tokens: Sequence[int], n_gen: int, clock: Clock) -> dict[str, float]:
-    """One measured run of a loop whose `run` returns the four clock readings."""
+    """One measured run of a loop whose `run` returns the five clock readings."""
     return Timing(len(tokens), n_gen, *loop.run(tokens, n_gen, clock)).rates()
 
 
@@ -368,24 +371,36 @@ class R7bLoop:
         self.depth_state = state if tokens else None
         return self.depth_state
 
-    def run(self, tokens: Sequence[int], n_gen: int, clock: Clock) -> tuple[float, float, float, float]:
+    def _restore(self) -> None:
         from .bench_raw import restore_seq_state
 
-        engine = self.engine
-        engine.reset()
+        self.engine.reset()
         if self.depth_state:
-            restore_seq_state(engine._ctx, self.depth_state)
-            engine.cached = list(self.depth)  # the engine's prefix reuse then evaluates only `tokens`
+            restore_seq_state(self.engine._ctx, self.depth_state)
+            self.engine.cached = list(self.depth)  # the engine's prefix reuse then evaluates only what follows
+
+    def run(self, tokens: Sequence[int], n_gen: int, clock: Clock) -> tuple[float, float, float, float, float]:
+        """As `RawLoop.run`: at a depth, decoding restarts from the depth with the first token."""
+        engine = self.engine
+        self._restore()
         t_start = clock()
         engine.prefill([*self.depth, *tokens])
-        t_prefilled = t_first = clock()
+        t_prefilled = t_gen = clock()
         text = self.text_stream(engine)
-        for i, tok in enumerate(engine.generate(self.greedy, n_gen, ignore_eog=True)):
+        steps = engine.generate(self.greedy, n_gen, ignore_eog=True)
+        first = next(steps)
+        text.push(first)
+        t_first = clock()
+        if self.depth:
+            steps.close()
+            self._restore()
+            t_gen = clock()
+            engine.prefill([*self.depth, first])
+            steps = engine.generate(self.greedy, n_gen - 1, ignore_eog=True)
+        for tok in steps:
             text.push(tok)
-            if i == 0:
-                t_first = clock()
         text.flush()
-        return t_start, t_prefilled, t_first, clock()
+        return t_start, t_prefilled, t_first, t_gen, clock()
 
     def close(self) -> None:
         self.engine.close()
@@ -436,7 +451,7 @@ class ChatLoop:
                     result = event.result
             t_end = clock()
         usage = result.usage
-        timing = Timing(usage.prompt_tokens, usage.completion_tokens, t_start, marks[0], marks[-1], t_end)
+        timing = Timing(usage.prompt_tokens, usage.completion_tokens, t_start, marks[0], marks[-1], marks[0], t_end)
         return {**timing.rates(), "tokens": float(usage.completion_tokens), "prompt_tokens": float(usage.prompt_tokens)}
 
 
@@ -655,7 +670,7 @@ def compare(path: str | Path, *, prompt_tokens: int = 512, gen_tokens: int = 128
         {k: v for k, v in figures["r7b"].items() if k not in TIMED}, figures["raw"])}
     if runs["chat"]:
         ratio["chat_tg_tps"] = paired_ratios(runs["chat"], runs["raw"], ["tg_tps"])["tg_tps"]
-    info = model_info(path, depth + prompt_tokens + gen_tokens // 2, kv_type)
+    info = model_info(path, (depth or prompt_tokens) + gen_tokens // 2, kv_type)  # decoding's mean depth
     shown = {k: v for k, v in asdict(settings).items() if v or k not in ("rpc", "tensor_split")}  # only when used
     note = worker.info["no_chat"] or ("Model.chat is not timed at a depth" if chat and depth else None)
     return BenchResult(info, {**shown, "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "depth": depth,

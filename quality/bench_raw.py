@@ -90,30 +90,37 @@ class RawLoop:
             if llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(arr, len(chunk))) != 0:
                 raise RuntimeError("llama_decode failed during prefill")
 
-    def run(self, tokens: Sequence[int], n_gen: int,
-            clock: Callable[[], float]) -> tuple[float, float, float, float]:
-        """Prefill `tokens` after the depth (an empty cache without one), then greedily generate `n_gen`
-        tokens (EOG ignored).
-
-        Returns the clock at start, after prefill, at the first token and at the end.
-        """
+    def _restore(self) -> None:
         llama_cpp.llama_memory_clear(self.mem, True)
         if self.depth_state:
             restore_seq_state(self.ctx, self.depth_state)
+
+    def run(self, tokens: Sequence[int], n_gen: int,
+            clock: Callable[[], float]) -> tuple[float, float, float, float, float]:
+        """Prefill `tokens` after the depth (an empty cache without one), then greedily generate `n_gen`
+        tokens (EOG ignored). At a depth, decoding is timed as llama-bench's "tg @ dN": after the
+        first token the cache goes back to the depth and decoding restarts from there.
+
+        Returns the clock at start, after prefill, at the first token, when decoding was timed from
+        and at the end.
+        """
+        self._restore()
         t_start = clock()
         self._prefill(tokens)
-        t_prefilled = clock()
-        t_first = t_prefilled
+        t_prefilled = t_gen = clock()
         one = (llama_cpp.llama_token * 1)()
         for i in range(n_gen):
             tok = llama_cpp.llama_sampler_sample(self.sampler, self.ctx, -1)
             llama_cpp.llama_token_to_piece(self.vocab, tok, self.piece, 256, 0, True)
             if i == 0:
                 t_first = clock()
+                if self.depth_state:
+                    self._restore()
+                    t_gen = clock()
             one[0] = tok
             if llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(one, 1)) != 0:
                 raise RuntimeError("llama_decode failed during generation")
-        return t_start, t_prefilled, t_first, clock()
+        return t_start, t_prefilled, t_first, t_gen, clock()
 
     def close(self) -> None:
         if getattr(self, "sampler", None):

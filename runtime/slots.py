@@ -7,8 +7,11 @@ slot's next token from its own row of logits. A newcomer's long prompt so goes i
 steps while the running answers keep flowing.
 
 The request threads (one per conversation) see a `Slot` with the engine's `prefill` / `generate` /
-`logprobs`, so `Model` runs a turn the same way on either; parsing, stop strings and streaming
-happen in those threads while the loop waits for the next step. A slot keeps its conversation in
+`logprobs`, so `Model` runs a turn the same way on either. The loop does not wait for them between
+tokens: it decodes each sampled token in the next step and queues it, up to `LOOKAHEAD` ahead of
+the reader, which parses, checks stop strings and streams meanwhile. Stop ids, end of generation
+and `max_tokens` end a turn in the loop itself; a reader that stops early (a stop string, a hang-up)
+leaves at most `LOOKAHEAD` decoded tokens behind, which the next turn's prefix match trims. A slot keeps its conversation in
 its cells after the turn, so a follow-up turn that lands on it (`SlotPool.acquire` prefers the slot
 sharing the longest prefix) evaluates only its new tokens; a turn that is abandoned (the client
 hung up) frees its cells.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from typing import Any, Iterator, Sequence
 
 import llama_cpp
@@ -28,6 +32,7 @@ from r7b.llama import Batch
 from .engine import Engine, Sampling, common_prefix
 
 GRACE_S = 0.005  # how long a step waits for slow request threads, to keep their tokens in one batch
+LOOKAHEAD = 4  # tokens the loop may sample ahead of a request thread that has not taken them yet
 
 
 class Slot:
@@ -44,11 +49,14 @@ class Slot:
         self.pending: list[int] = []  # prompt tokens still to decode
         self.evaluated: int | None = None
         self.sampler: Any = None  # set while `generate` runs
-        self.want = False  # the request thread waits for a token
+        self.want = False  # a turn is generating
+        self.budget = 0  # tokens the loop may still sample this turn
+        self.stop_ids: frozenset[int] = frozenset()
+        self.ignore_eog = False
         self.feed: int | None = None  # the token to decode before sampling the next
-        self.token: int | None = None  # sampled, not yet taken
+        self.out: deque[tuple[int, Any]] = deque()  # (token, its log-probabilities), sampled, not yet taken
         self.logprob_top: int | None = None
-        self.logprob: tuple[float, list[tuple[int, float]]] | None = None
+        self.logprob: tuple[float, list[tuple[int, float]]] | None = None  # the last taken token's
         self.in_step = False  # the loop is decoding or sampling for this slot right now
         self.error: BaseException | None = None
         self.arrived = 0.0
@@ -72,24 +80,24 @@ class Slot:
         """As `Engine.generate`; `logprobs` (top-k, or None) is read at sampling time, in the loop."""
         pool = self.pool
         sampler = pool.engine.sampler(sampling, history=self.history)
-        vocab = pool.engine.model.vocab
+        budget = min(max_tokens, pool.engine.n_ctx - len(self.history))
         try:
             with pool.cond:
-                self.sampler, self.logprob_top, self.want, self.feed = sampler, logprobs, True, None
+                self.sampler, self.logprob_top, self.feed = sampler, logprobs, None
+                self.budget, self.stop_ids, self.ignore_eog, self.want = budget, stop_ids, ignore_eog, True
+                self.out.clear()
                 pool.cond.notify_all()
-            for _ in range(min(max_tokens, pool.engine.n_ctx - len(self.history))):
+            for _ in range(budget):
                 tok = self._next()
                 yield tok
-                if tok in stop_ids or (not ignore_eog and llama_cpp.llama_vocab_is_eog(vocab, tok)):
+                if self.pool.ends_turn(self, tok):
                     return
-                with pool.cond:
-                    self.feed, self.want = tok, True
-                    pool.cond.notify_all()
         finally:
             with pool.cond:
                 self.want = False
                 pool.wait_for(lambda: not self.in_step)
-                self.sampler, self.feed, self.token, self.pending = None, None, None, []
+                self.sampler, self.feed, self.pending = None, None, []
+                self.out.clear()
             llama_cpp.llama_sampler_free(sampler)
 
     def logprobs(self, token: int, top: int = 0) -> tuple[float, list[tuple[int, float]]]:
@@ -100,10 +108,12 @@ class Slot:
     def _next(self) -> int:
         pool = self.pool
         with pool.cond:
-            pool.wait_for(lambda: self.token is not None or self.error is not None)
+            pool.wait_for(lambda: self.out or self.error is not None)
             self._raise()
-            tok, self.token = self.token, None
-            return tok  # type: ignore[return-value]
+            tok, self.logprob = self.out.popleft()
+            if len(self.out) == LOOKAHEAD - 1:  # the loop may be holding this slot back
+                pool.cond.notify_all()
+            return tok
 
     def _raise(self) -> None:
         if self.error is not None:
@@ -117,7 +127,11 @@ class Slot:
             return True
         if self.pending:
             return len(self.pending) > 1 or self.want
-        return self.want and self.feed is not None
+        return self.want and self.feed is not None and len(self.out) < LOOKAHEAD
+
+    def lagging(self) -> bool:
+        """A token to decode, held back until the request thread takes what is queued."""
+        return self.want and self.feed is not None and len(self.out) >= LOOKAHEAD
 
 
 class SlotPool:
@@ -205,13 +219,18 @@ class SlotPool:
                 self._after(plan, rc)
                 self.cond.notify_all()
 
+    def ends_turn(self, slot: Slot, tok: int) -> bool:
+        """A stop id, or end of generation unless the turn ignores it."""
+        return tok in slot.stop_ids or (not slot.ignore_eog and
+                                        bool(llama_cpp.llama_vocab_is_eog(self.engine.model.vocab, tok)))
+
     def _wait_for_work(self) -> bool:
-        """Until some slot has work and every generating slot has asked for its token (or a short
-        grace has passed); False when closing."""
+        """Until some slot has work and no generating slot waits for its reader (or a short grace has
+        passed, so that the slots' tokens share a batch); False when closing."""
         deadline = None
         while not self._closing:
             if any(s.has_work() for s in self.slots):
-                if all(s.want for s in self.slots if s.sampler is not None):
+                if not any(s.lagging() for s in self.slots):
                     return True
                 now = time.monotonic()
                 deadline = deadline or now + GRACE_S
@@ -238,7 +257,7 @@ class SlotPool:
         room = self.engine.config.n_batch
         plan: list[tuple[Slot, list[int], bool]] = []
         for s in self.slots:
-            if s.want and not s.pending and s.feed is not None:
+            if not s.pending and s.has_work():
                 plan.append((s, [s.feed], True))
                 room -= 1
         for s in sorted((s for s in self.slots if s.pending), key=lambda s: s.arrived):
@@ -283,10 +302,15 @@ class SlotPool:
             else:
                 slot.feed = None
             if sample:
-                tok = llama_cpp.llama_sampler_sample(slot.sampler, engine._ctx, row - 1)
-                slot.logprob = engine.logprobs(tok, slot.logprob_top, row - 1) \
-                    if slot.logprob_top is not None else None
-                slot.token, slot.want = tok, False
+                self._sample(slot, row - 1)
+
+    def _sample(self, slot: Slot, row: int) -> None:
+        """The slot's next token, queued for its reader and, unless it ends the turn, fed to the next step."""
+        tok = llama_cpp.llama_sampler_sample(slot.sampler, self.engine._ctx, row)
+        scored = self.engine.logprobs(tok, slot.logprob_top, row) if slot.logprob_top is not None else None
+        slot.out.append((tok, scored))
+        slot.budget -= 1
+        slot.feed = tok if slot.budget > 0 and not self.ends_turn(slot, tok) else None
 
 
 MAX_AUTO_SLOTS = 4

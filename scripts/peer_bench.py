@@ -79,43 +79,46 @@ def parse_llama_bench(out: str, fa: str, kv: str) -> list[dict[str, Any]]:
     return rows
 
 
-def run_llama_bench(model: Path, plan: MatrixPlan, threads: int) -> list[dict[str, Any]]:
-    rows = []
+def run_llama_bench(model: Path, plan: MatrixPlan, threads: int, fa: str, kv: str) -> list[dict[str, Any]]:
+    proc = subprocess.run(llama_bench_args(model, fa, kv, plan, threads), capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"llama-bench -fa {fa} -ctk/-ctv {kv} failed:\n{proc.stderr[-2000:]}")
+    log(f"llama-bench fa {fa}, kv {kv} done")
+    return parse_llama_bench(proc.stdout, fa, kv)
+
+
+def run_matrix(model: Path, plan: MatrixPlan, threads: int) -> list[dict[str, Any]]:
+    """Each llama-bench setting, then r7b bench at that setting (r7b's default beside the first): figures
+    compared are measured minutes apart, not the length of the matrix (this machine drifts by 10 %)."""
+    rows: list[dict[str, Any]] = []
+    resolved: dict[int, str] = {}
     for fa, kv in COMBOS:
-        proc = subprocess.run(llama_bench_args(model, fa, kv, plan, threads), capture_output=True, text=True)
-        if proc.returncode:
-            raise SystemExit(f"llama-bench -fa {fa} -ctk/-ctv {kv} failed:\n{proc.stderr[-2000:]}")
-        rows += parse_llama_bench(proc.stdout, fa, kv)
-        log(f"llama-bench fa {fa}, kv {kv} done")
+        rows += run_llama_bench(model, plan, threads, fa, kv)
+        for setting in ([("auto", "f16")] if (fa, kv) == COMBOS[0] else []) + [(fa, kv)]:
+            rows += run_r7b(model, plan, threads, *setting, resolved, rows)
     return rows
 
 
 # -- r7b bench ---------------------------------------------------------------------------------------
 
-def r7b_settings() -> list[tuple[str, str]]:
-    """(flash_attn, kv_type) runs of r7b bench: its default ("auto", f16) and every explicit combination."""
-    return [("auto", "f16"), *COMBOS]
-
-
-def run_r7b(model: Path, plan: MatrixPlan, threads: int) -> list[dict[str, Any]]:
-    """r7b bench (and its raw llama.cpp loop) at each depth and setting; an explicit setting equal to
-    what the default resolved to is not run twice."""
+def run_r7b(model: Path, plan: MatrixPlan, threads: int, fa: str, kv: str, resolved: dict[int, str],
+            done: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """r7b bench (and its raw llama.cpp loop) at each depth with one setting; an explicit setting equal
+    to what the default ("auto", recorded in `resolved` by depth) resolved to is copied from `done`."""
     rows: list[dict[str, Any]] = []
-    resolved: dict[int, str] = {}
-    for fa, kv in r7b_settings():
-        for depth in plan.depths:
-            if fa != "auto" and kv == "f16" and resolved.get(depth) == fa:
-                rows += [{**r, "fa": fa, "same_as_default": True} for r in rows
-                         if r["fa"] == "auto" and r["kv"] == kv and r["depth"] == depth]
-                continue
-            result = bench.compare(model, prompt_tokens=plan.prompt, gen_tokens=plan.gen, repeat=plan.repeat,
-                                   threads=threads, chat=False, depth=depth, flash_attn=fa, kv_type=kv,
-                                   memory=False)
-            used = result.settings["flash_attn_used"]
-            if fa == "auto":
-                resolved[depth] = used["r7b"]
-            rows += _r7b_rows(result, fa, kv, depth, plan)
-        log(f"r7b bench fa {fa}, kv {kv} done")
+    for depth in plan.depths:
+        if fa != "auto" and kv == "f16" and resolved.get(depth) == fa:
+            rows += [{**r, "fa": fa, "same_as_default": True} for r in done
+                     if r["tool"] == "r7b" and r["fa"] == "auto" and r["kv"] == kv and r["depth"] == depth]
+            continue
+        result = bench.compare(model, prompt_tokens=plan.prompt, gen_tokens=plan.gen, repeat=plan.repeat,
+                               threads=threads, chat=False, depth=depth, flash_attn=fa, kv_type=kv,
+                               memory=False)
+        used = result.settings["flash_attn_used"]
+        if fa == "auto":
+            resolved[depth] = used["r7b"]
+        rows += _r7b_rows(result, fa, kv, depth, plan)
+    log(f"r7b bench fa {fa}, kv {kv} done")
     return rows
 
 
@@ -320,8 +323,7 @@ def run_all(model: Path, f16: Path | None, plan: MatrixPlan, threads: int, work:
     data: dict[str, Any] = {"model": str(model), "plan": plan, "threads": threads,
                             "load_before": _loadavg()}
     t0 = time.monotonic()
-    rows = run_llama_bench(model, plan, threads)
-    rows += run_r7b(model, plan, threads)
+    rows = run_matrix(model, plan, threads)
     data["matrix"] = rows
     data["depth_rows"] = depth_rows(rows, plan.depths)
     data["matrix_s"] = time.monotonic() - t0

@@ -1,11 +1,16 @@
 """Concurrent streaming clients against `r7b serve` and llama-server with the same slots and settings.
 
 For each number of clients N, a server with N slots is started on 127.0.0.1 (r7b serve --parallel N;
-llama-server -np N -c N*C), plus r7b serve --parallel 1 (serial) once for all N. N clients then send
-one streaming /v1/chat/completions request each, at the same moment, each with a different user
-prompt of about --prompt-words words (held-out English), temperature 0, --max-tokens tokens. Recorded:
-aggregate tokens/s (completion tokens of all clients over the time from the first request to the
-last token), and per client the time to the first token and to the last one (median and max).
+llama-server -np N -c N*C), beside r7b serve --parallel 1 (serial), which stays up for all N. N
+clients then send one streaming /v1/chat/completions request each, at the same moment, each with a
+different user prompt of about --prompt-words words (held-out English), temperature 0, --max-tokens
+tokens. Recorded: aggregate tokens/s (completion tokens of all clients over the time from the first
+request to the last token), and per client the time to the first token and to the last one (median
+and max).
+
+The servers take turns, round by round, in an order that rotates, so that the machine's drift (a
+VM's neighbours move these figures by 10 % from one minute to the next) hits them alike; the
+r7b/that ratios are medians of the ratios of rounds run side by side.
 
     python scripts/serve_bench.py MODEL.gguf [--clients 1,2,4,8] [--quick] [--json]
 
@@ -46,10 +51,10 @@ class ServePlan:
     prompt_words: int
     max_tokens: int
     n_ctx: int  # per slot
-    repeat: int  # rounds per client count; the figures are from the round with the median throughput
+    repeat: int  # rounds per server and client count; the figures are from the round with the median throughput
 
 
-FULL = ServePlan(clients=(1, 2, 4, 8), prompt_words=150, max_tokens=64, n_ctx=1024, repeat=2)
+FULL = ServePlan(clients=(1, 2, 4, 8), prompt_words=150, max_tokens=64, n_ctx=1024, repeat=5)
 QUICK = ServePlan(clients=(1, 2), prompt_words=40, max_tokens=8, n_ctx=512, repeat=1)
 
 
@@ -209,38 +214,59 @@ def summarize_round(results: Sequence[dict[str, float]]) -> dict[str, Any]:
             "ttft_median_s": statistics.median(ttft), "ttft_max_s": max(ttft)}
 
 
-def measure(server: Server, clients: int, plan: ServePlan) -> dict[str, Any]:
-    """plan.repeat rounds of `clients` clients after one warm-up request; the round of median throughput."""
-    one_round(server, prompts(1, plan.prompt_words // 4 or 1), 4)
+def take_turns(servers: dict[str, Server], clients: int, plan: ServePlan) -> dict[str, list[dict[str, Any]]]:
+    """plan.repeat rounds of `clients` clients per server, after one unrecorded round each (the first
+    round after a start ran at half speed on every server); round k runs every server once, starting
+    with the k-th."""
     texts = prompts(clients, plan.prompt_words)
-    rounds = sorted((one_round(server, texts, plan.max_tokens) for _ in range(plan.repeat)), key=lambda r: r["tps"])
-    return rounds[len(rounds) // 2]
+    for server in servers.values():
+        one_round(server, texts, plan.max_tokens)
+    names = list(servers)
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for k in range(plan.repeat):
+        for name in names[k % len(names):] + names[:k % len(names)]:
+            rounds[name].append(one_round(servers[name], texts, plan.max_tokens))
+    return rounds
+
+
+def median_round(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    return sorted(rounds, key=lambda r: r["tps"])[len(rounds) // 2]
+
+
+def paired_ratio(ours: Sequence[dict[str, Any]], theirs: Sequence[dict[str, Any]]) -> float:
+    """Median over rounds of ours/theirs throughput, each round against the one run beside it."""
+    return statistics.median(a["tps"] / b["tps"] for a, b in zip(ours, theirs))
 
 
 # -- the comparison -------------------------------------------------------------------------------------
 
 def serve_bench(model: Path, plan: ServePlan, threads: int, work: Path, flash_attn: str = "auto",
                 kv_type: str = "f16") -> dict[str, Any]:
-    """Rows for r7b (N slots), r7b serial (1 slot) and llama-server (N slots) at each client count."""
+    """Rows for r7b (N slots), r7b serial (1 slot) and llama-server (N slots) at each client count, and
+    r7b's paired throughput ratios to the other two."""
     work.mkdir(parents=True, exist_ok=True)
     fa = bench.resolved_flash_attn(flash_attn, kv_type)
     parallel_flag = r7b_supports_parallel()
-    rows = []
+    rows: list[dict[str, Any]] = []
     counts = plan.clients if parallel_flag else (1,)
-    for n in counts:
-        for name, make in (("r7b", lambda p: r7b_command(model, p, n, plan, threads, flash_attn, kv_type,
-                                                            parallel_flag)),
-                           ("llama-server", lambda p: llama_server_command(model, p, n, plan, threads, fa, kv_type))):
-            port = free_port()
-            with Server(make(port), port, work / f"{name}-{n}.log") as server:
-                rows.append({"server": name, "slots": n, **measure(server, n, plan)})
-            log(f"{name} with {n} slots done")
-    port = free_port()
-    with Server(r7b_command(model, port, 1, plan, threads, flash_attn, kv_type, parallel_flag), port,
-                work / "r7b-serial.log") as server:
-        for n in plan.clients:
-            rows.append({"server": "r7b serial", "slots": 1, **measure(server, n, plan)})
-    log("r7b serial done")
+
+    def start(name: str, cmd_for: Any) -> Server:
+        port = free_port()
+        return Server(cmd_for(port), port, work / f"{name}.log")
+
+    with start("r7b-serial", lambda p: r7b_command(model, p, 1, plan, threads, flash_attn, kv_type,
+                                                   parallel_flag)) as serial:
+        for n in counts:
+            with start(f"r7b-{n}", lambda p: r7b_command(model, p, n, plan, threads, flash_attn, kv_type,
+                                                         parallel_flag)) as ours, \
+                 start(f"llama-server-{n}", lambda p: llama_server_command(model, p, n, plan, threads, fa,
+                                                                           kv_type)) as peer:
+                rounds = take_turns({"r7b": ours, "r7b serial": serial, "llama-server": peer}, n, plan)
+            for name, slots in (("r7b", n), ("r7b serial", 1), ("llama-server", n)):
+                ratio = paired_ratio(rounds["r7b"], rounds[name]) if name != "r7b" else None
+                rows.append({"server": name, "slots": slots, **median_round(rounds[name]), "ratio": ratio,
+                             "rounds_tps": [r["tps"] for r in rounds[name]]})
+            log(f"{n} clients done")
     return {"plan": asdict(plan), "threads": threads, "flash_attn": flash_attn, "flash_attn_used": fa,
             "kv_type": kv_type, "parallel_flag": parallel_flag, "rows": rows}
 
@@ -250,10 +276,17 @@ def row_for(data: dict[str, Any], server: str, clients: int) -> dict[str, Any] |
 
 
 def goals(data: dict[str, Any], clients: int = 4) -> dict[str, float | None]:
-    """At `clients` clients: r7b's throughput over serial r7b (goal >= 1.3) and over llama-server (>= 1.0)."""
+    """At `clients` clients: r7b's throughput over serial r7b (goal >= 1.3) and over llama-server (>= 1.0),
+    paired by round."""
     ours, serial, peer = (row_for(data, s, clients) for s in ("r7b", "r7b serial", "llama-server"))
-    return {"clients": clients, "vs_serial": ours["tps"] / serial["tps"] if ours and serial else None,
-            "vs_llama_server": ours["tps"] / peer["tps"] if ours and peer else None}
+    return {"clients": clients, "vs_serial": ratio_of(ours, serial), "vs_llama_server": ratio_of(ours, peer)}
+
+
+def ratio_of(ours: dict[str, Any] | None, theirs: dict[str, Any] | None) -> float | None:
+    """The paired ratio kept in `theirs` row (median-round throughputs for rows without one)."""
+    if not ours or not theirs:
+        return None
+    return theirs.get("ratio") or (ours["tps"] / theirs["tps"] if theirs["tps"] else None)
 
 
 def table(data: dict[str, Any]) -> list[str]:
@@ -267,7 +300,8 @@ def table(data: dict[str, Any]) -> list[str]:
             r = row_for(data, server, n)
             if r is None:
                 continue
-            ratio = f"{ours['tps'] / r['tps']:.2f}" if ours and server != "r7b" and r["tps"] else ""
+            value = ratio_of(ours, r) if server != "r7b" else None
+            ratio = f"{value:.2f}" if value else ""
             lines.append(f"| {n} | {server} | {r['slots']} | {r['tokens']} | {r['tps']:.1f} | "
                          f"{r['ttft_median_s']:.2f} / {r['ttft_max_s']:.2f} | "
                          f"{r['latency_median_s']:.2f} / {r['latency_max_s']:.2f} | {ratio} |")

@@ -41,7 +41,7 @@ class FakeLoop:
         self.clock.advance(0.020)
         t_first = clock()
         self.clock.advance(0.025 * n_gen - 0.020)
-        return t_start, t_prefilled, t_first, clock()
+        return t_start, t_prefilled, t_first, t_prefilled, clock()
 
 
 def test_rates_from_clock_readings():
@@ -53,7 +53,10 @@ def test_rates_from_clock_readings():
 
 
 def test_timing_properties():
-    t = Timing(n_prompt=512, n_gen=128, t_start=0.0, t_prefilled=2.0, t_first=2.1, t_end=6.0)
+    t = Timing(n_prompt=512, n_gen=128, t_start=0.0, t_prefilled=2.0, t_first=2.1, t_gen=2.0, t_end=6.0)
+    assert (t.pp_tps, t.tg_tps, t.ttft_s) == (256.0, 32.0, pytest.approx(2.1))
+    # at a depth, decoding is timed from its restart at the depth, not from the prompt's end
+    t = Timing(n_prompt=512, n_gen=128, t_start=0.0, t_prefilled=2.0, t_first=2.1, t_gen=2.5, t_end=6.5)
     assert (t.pp_tps, t.tg_tps, t.ttft_s) == (256.0, 32.0, pytest.approx(2.1))
 
 
@@ -311,6 +314,23 @@ def test_serve_round_figures():
                      {"server": "llama-server", "clients": 4, "tps": 125.0}]}
     g = sb.goals(data)
     assert g["vs_serial"] == pytest.approx(1.3) and g["vs_llama_server"] == pytest.approx(1.04)
+    # rounds run side by side: the ratio is the median of per-round ratios, not of the medians
+    ours = [{"tps": t} for t in (100.0, 80.0, 120.0)]
+    theirs = [{"tps": t} for t in (100.0, 100.0, 100.0)]
+    assert sb.paired_ratio(ours, theirs) == pytest.approx(1.0)
+    assert sb.paired_ratio([{"tps": 90.0}, {"tps": 110.0}, {"tps": 70.0}],
+                           [{"tps": 100.0}, {"tps": 100.0}, {"tps": 50.0}]) == pytest.approx(1.1)
+    assert sb.median_round(ours) == {"tps": 100.0}
+
+
+def test_servers_take_turns_in_rotating_order(monkeypatch):
+    sb = _script("serve_bench")
+    order = []
+    monkeypatch.setattr(sb, "one_round", lambda server, texts, max_tokens: order.append(server) or {"tps": 1.0})
+    plan = sb.ServePlan(clients=(2,), prompt_words=8, max_tokens=4, n_ctx=256, repeat=3)
+    rounds = sb.take_turns({"a": "A", "b": "B", "c": "C"}, 2, plan)
+    assert order == ["A", "B", "C"] + ["A", "B", "C", "B", "C", "A", "C", "A", "B"]  # warm-up rounds, then rotating
+    assert [len(r) for r in rounds.values()] == [3, 3, 3]
 
 
 def test_depth_is_kept_between_runs_and_shared_by_both_loops(stand_in_gguf):
@@ -329,9 +349,11 @@ def test_depth_is_kept_between_runs_and_shared_by_both_loops(stand_in_gguf):
         assert raw.set_depth(tokens[:64], state) is state
         for _ in range(2):  # the second run starts from the depth again, not from the first run's end
             for loop in (ours, raw):
-                bench.run_once(loop, tokens[64:80], 4, bench.time.perf_counter)
-            assert ours.engine.cached[:64] == tokens[:64] and len(ours.engine.cached) == 64 + 16 + 4
-            assert llama_cpp.llama_memory_seq_pos_max(raw.mem, 0) == 64 + 16 + 4 - 1
+                marks = loop.run(tokens[64:80], 4, bench.time.perf_counter)
+                assert list(marks) == sorted(marks) and marks[3] > marks[2]  # decoding restarted after the first token
+            # decoding ran from the depth (llama-bench's tg @ dN), the prompt's cells gone
+            assert ours.engine.cached[:64] == tokens[:64] and len(ours.engine.cached) == 64 + 4
+            assert llama_cpp.llama_memory_seq_pos_max(raw.mem, 0) == 64 + 4 - 1
         assert ours.engine.logits()[0] == pytest.approx(_raw_logits(raw)[0], rel=1e-3, abs=1e-3)
     finally:
         raw.close()

@@ -107,6 +107,32 @@ def test_follow_up_turn_reuses_its_slot(model_path):
         assert all(state["cells"] > 0 and not state["busy"] for state in model.slot_states())
 
 
+def test_reader_that_stops_early_leaves_the_slot_as_the_single_slot_path(model_path, serial):
+    """The loop decodes ahead of a slow reader; a stop string then ends the turn with decoded tokens
+    past it in the cells, which the follow-up turn's prefix match must trim."""
+    import time
+
+    from r7b.runtime.slots import LOOKAHEAD
+
+    first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count to ten."}]
+    options = {"temperature": 0, "max_tokens": 40, "stop": ["am sure"]}
+    with _load(model_path, parallel=2) as model:
+        events = []
+        for event in model.chat(first, stream=True, **options):
+            events.append(event)
+            time.sleep(0.05)  # a slow client: the loop fills its lookahead meanwhile
+        a = events[-1].result
+        assert a.finish_reason == "stop"
+        ran_ahead = max(model.slots.occupancy()) - (a.usage.prompt_tokens + a.usage.completion_tokens - 1)
+        assert 0 < ran_ahead <= LOOKAHEAD
+        follow_up = first + [a.message(), {"role": "user", "content": "Go on."}]
+        b = model.chat(follow_up, **options)
+    expected_a = serial.chat(first, **options)
+    _same(expected_a, a)
+    _same(serial.chat(first + [expected_a.message(), {"role": "user", "content": "Go on."}], **options), b)
+    assert b.usage.cached_tokens > 0
+
+
 def test_newcomer_prompt_is_prefilled_between_decode_steps(model_path, serial):
     long_question = [{"role": "user", "content": "Summarize: " + "the quick brown fox jumps over the lazy dog. " * 60}]
     running = [{"role": "user", "content": "Count."}]
