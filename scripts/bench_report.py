@@ -656,7 +656,11 @@ def md_matrix(data: dict[str, Any]) -> list[str]:
             "(mean t/s); a q8_0 V cache needs flash attention, so fa off is run with f16 only. r7b: "
             f"`r7b bench MODEL --depth D --prompt-tokens {plan.prompt} --gen-tokens {plan.gen} --repeat {plan.repeat} "
             "--flash-attn F --kv-type K --no-memory --no-chat` (median t/s; r7b/raw against its bare llama.cpp loop "
-            "on the same settings). Both evaluate the depth once and restore it before each repetition. "
+            "on the same settings). Both evaluate the depth once and restore it before each repetition; both time "
+            f"{tg} @ dD from the depth itself (r7b bench prefills its prompt for {pp}, then goes back to the depth "
+            "to decode, as llama-bench's separate tests do). Each llama-bench setting runs right before r7b bench at "
+            "that setting (r7b's default first), so the figures compared are minutes apart. llama-bench sizes the "
+            f"context of {tg} @ dD to D + {plan.gen} tokens; r7b bench's holds the prompt too, rounded up to 256. "
             f"Background load: {data['busy']['peers']:.2f} cores of other processes (load average before / after: "
             f"{peers['load_before']} / {peers['load_after']}).", "",
             *md_table(("depth", "setting", f"{pp} llama-bench", f"{pp} r7b", "r7b/raw", f"{tg} llama-bench",
@@ -745,8 +749,12 @@ def md_serve(data: dict[str, Any]) -> list[str]:
             f"-c N×{plan['n_ctx']}`); r7b serial is `--parallel 1`. Each client streams one /v1/chat/completions "
             f"request (a different ~{plan['prompt_words']}-word user prompt, temperature 0, max_tokens "
             f"{plan['max_tokens']}), all started together; tok/s is every client's completion tokens over the time "
-            "to the last token; latency is a client's time to its last token. Median-throughput round of "
-            f"{plan['repeat']}. Background load: {data['busy']['serve']:.2f} cores.{missing}", "",
+            "to the last token; latency is a client's time to its last token. For each N the three servers are up "
+            f"together and take turns, {plan['repeat']} recorded rounds each after one unrecorded round, in a "
+            "rotating order; the rows show the median-throughput round, r7b/that the median of per-round ratios. "
+            "Greedy answers can differ between batched and one-at-a-time decoding (sums in another order tip "
+            "near-ties of this random-weights model), so some rounds end a client early at end-of-turn: tokens "
+            f"counts them. Background load: {data['busy']['serve']:.2f} cores.{missing}", "",
             *serve_bench.table(sv), goal, ""]
 
 def write_report(out: Path, data: dict[str, Any]) -> Path:
