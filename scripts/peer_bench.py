@@ -283,7 +283,7 @@ def _compare_eval(tp: Any, f16: Path, made: dict, qtypes: Sequence[str], text: P
             bad.append(f"{qtype}: r7b {ours.kld_mean:.7f}, llama {kld:.6f}")
         parts.append(f"{qtype} mean KLD r7b {ours.kld_mean:.7f} / llama-perplexity {kld:.6f} ({rel:.2%})")
     assert not bad, "; ".join(bad)
-    return f"{'; '.join(parts)}; ctx {tp.CTX}, {tp.CHUNKS} chunks, KV {tp.KV_TYPE} on both, -fa off (limit 1%)"
+    return f"{'; '.join(parts)}; ctx {tp.CTX}, {tp.CHUNKS} chunks, KV {tp.KV_TYPE} on both, -fa off (limit 1% plus half the 1e-6 to which llama-perplexity prints it)"
 
 
 # -- the depth table ----------------------------------------------------------------------------------
