@@ -54,7 +54,8 @@ class Slot:
         self.stop_ids: frozenset[int] = frozenset()
         self.ignore_eog = False
         self.feed: int | None = None  # the token to decode before sampling the next
-        self.out: deque[tuple[int, Any]] = deque()  # (token, its log-probabilities), sampled, not yet taken
+        # (token, its log-probabilities, whether it ends the turn), sampled, not yet taken
+        self.out: deque[tuple[int, Any, bool]] = deque()
         self.logprob_top: int | None = None
         self.logprob: tuple[float, list[tuple[int, float]]] | None = None  # the last taken token's
         self.in_step = False  # the loop is decoding or sampling for this slot right now
@@ -88,9 +89,9 @@ class Slot:
                 self.out.clear()
                 pool.cond.notify_all()
             for _ in range(budget):
-                tok = self._next()
+                tok, last = self._next()
                 yield tok
-                if self.pool.ends_turn(self, tok):
+                if last:
                     return
         finally:
             with pool.cond:
@@ -105,15 +106,15 @@ class Slot:
             raise R7BError("logprobs were not asked for when generation started")
         return self.logprob
 
-    def _next(self) -> int:
+    def _next(self) -> tuple[int, bool]:
         pool = self.pool
         with pool.cond:
             pool.wait_for(lambda: self.out or self.error is not None)
             self._raise()
-            tok, self.logprob = self.out.popleft()
+            tok, self.logprob, last = self.out.popleft()
             if len(self.out) == LOOKAHEAD - 1:  # the loop may be holding this slot back
                 pool.cond.notify_all()
-            return tok
+            return tok, last
 
     def _raise(self) -> None:
         if self.error is not None:
@@ -219,7 +220,7 @@ class SlotPool:
                 self._after(plan, rc)
                 self.cond.notify_all()
 
-    def ends_turn(self, slot: Slot, tok: int) -> bool:
+    def _ends_turn(self, slot: Slot, tok: int) -> bool:
         """A stop id, or end of generation unless the turn ignores it."""
         return tok in slot.stop_ids or (not slot.ignore_eog and
                                         bool(llama_cpp.llama_vocab_is_eog(self.engine.model.vocab, tok)))
@@ -308,9 +309,10 @@ class SlotPool:
         """The slot's next token, queued for its reader and, unless it ends the turn, fed to the next step."""
         tok = llama_cpp.llama_sampler_sample(slot.sampler, self.engine._ctx, row)
         scored = self.engine.logprobs(tok, slot.logprob_top, row) if slot.logprob_top is not None else None
-        slot.out.append((tok, scored))
         slot.budget -= 1
-        slot.feed = tok if slot.budget > 0 and not self.ends_turn(slot, tok) else None
+        ends = self._ends_turn(slot, tok)
+        slot.out.append((tok, scored, ends))
+        slot.feed = tok if slot.budget > 0 and not ends else None
 
 
 MAX_AUTO_SLOTS = 4
