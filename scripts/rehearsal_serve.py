@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
-import rehearsal_measure as measure
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import rehearsal_measure as measure  # noqa: E402
+from procs import stop_process  # noqa: E402
 
 PORT = 8765
 PROMPT_TOKENS = 2000
@@ -93,10 +97,5 @@ def measure_serve(argv: list[str], workdir: Path, log: Path, text: Path) -> meas
         step.throughput = (f"first turn {data1['usage']['prompt_tokens']} tokens: {t1:.1f} s to first token; "
                            f"follow-up {data2['usage']['prompt_tokens']} tokens: {t2:.1f} s")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 30)
     return measure.finish(step, sampler, proc.returncode, start)

@@ -38,6 +38,8 @@ from typing import Any, Sequence
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from procs import stop_process  # noqa: E402
+
 from r7b.quality import bench  # noqa: E402
 
 N_BATCH = 512
@@ -126,13 +128,7 @@ class Server:
             return False
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 20)
         self.log.close()
 
     def __enter__(self) -> "Server":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from procs import stop_process
 from r7b import rpc
 from r7b.errors import R7BError
 
@@ -215,9 +216,5 @@ def test_serve_survives_a_worker_that_drops(model_path, tmp_path):
         assert back.status_code == 200, back.text
         assert back.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
     finally:
-        server.terminate()
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_process(server, 15)
         worker.stop()

@@ -21,6 +21,8 @@ from typing import Iterator
 import pytest
 import requests
 
+from procs import stop_process
+
 KEY = "test-key-123"
 N_CTX = 4096
 MAX_BODY = 256 * 1024
@@ -85,11 +87,7 @@ def launch(model: Path, log_dir: Path, *extra: str) -> Iterator[Server]:
         name = requests.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
         yield Server(url, name["data"][0]["id"], proc, log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 15)
     assert proc.returncode in (0, -15), log.read_text()
 
 
