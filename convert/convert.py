@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from string import ascii_letters, digits
 
 import gguf
 import numpy as np
@@ -116,9 +117,29 @@ def add_tokenizer(writer: gguf.GGUFWriter, folder: Path, dims: Cohere2Dims) -> N
             setter(value)
     writer.add_add_bos_token(vocab.add_bos)
     writer.add_add_eos_token(vocab.add_eos)
-    templates = chat_templates(folder)
-    if templates:
-        writer.add_chat_template(templates)
+    add_chat_templates(writer, chat_templates(folder))
+
+
+def add_chat_templates(writer: gguf.GGUFWriter, templates: list[dict[str, str]]) -> None:
+    """Write the templates under llama.cpp's keys, the names listed in the order given.
+
+    gguf-py's `add_chat_template` lists the names from a set, whose order changes with the
+    interpreter's hash seed: the same checkpoint would give different bytes from run to run.
+    """
+    named: dict[str, str] = {}
+    default = None
+    for choice in templates:
+        name = "".join(c if c in ascii_letters + digits else "_" for c in choice["name"])
+        if name == "default":
+            default = choice["template"]
+        elif name:
+            named.setdefault(name, choice["template"])
+    for name, template in named.items():
+        writer.add_string(gguf.Keys.Tokenizer.CHAT_TEMPLATE_N.format(name=name), template)
+    if named:
+        writer.add_array(gguf.Keys.Tokenizer.CHAT_TEMPLATES, list(named))
+    if default is not None:
+        writer.add_string(gguf.Keys.Tokenizer.CHAT_TEMPLATE, default)
 
 
 def chat_templates(folder: Path) -> list[dict[str, str]]:

@@ -99,5 +99,6 @@ def checkpoint_templates(folder: Path) -> list[dict[str, str]]:
     if isinstance(value, str):
         return [{"name": "default", "template": value}]
     if isinstance(value, list):
-        return [t for t in value if isinstance(t, dict) and "name" in t and "template" in t]
+        return [t for t in value if isinstance(t, dict)
+                and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)]
     return []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -211,6 +212,34 @@ def test_block_size_does_not_change_the_output(stand_in, stand_in_gguf, tmp_path
     monkeypatch.setattr(checkpoint, "BLOCK_BYTES", 1000)  # one row of the embedding per block, or a few rows
     out = convert(str(stand_in), tmp_path / "blocks.gguf", outtype=outtype, progress=False)
     assert out.read_bytes() == Path(stand_in_gguf(outtype)).read_bytes()
+
+
+@pytest.mark.parametrize("seed", ["1", "2", "3"])
+def test_same_bytes_whatever_the_hash_seed(seed, stand_in, stand_in_gguf, tmp_path):
+    """A conversion is reproducible: nothing in the file depends on the interpreter's hash order."""
+    out = tmp_path / "seeded.gguf"
+    proc = run_cli("convert", stand_in, "-o", out, "-q", "--outtype", "bf16", env={**os.environ, "PYTHONHASHSEED": seed})
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == Path(stand_in_gguf("bf16")).read_bytes()
+
+
+def test_template_names_keep_their_order(tmp_path):
+    import gguf
+
+    from r7b.convert.convert import add_chat_templates
+
+    names = [f"t{i}" for i in range(24)] + ["bad name!", "t3"]
+    path = tmp_path / "names.gguf"
+    writer = gguf.GGUFWriter(path, "cohere2")
+    add_chat_templates(writer, [{"name": n, "template": n} for n in names] + [{"name": "default", "template": "d"}])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items()}
+    assert fields["tokenizer.chat_templates"] == [f"t{i}" for i in range(24)] + ["bad_name_"]
+    assert fields["tokenizer.chat_template.t3"] == "t3"  # the first of two with one name
+    assert fields["tokenizer.chat_template.bad_name_"] == "bad name!"
+    assert fields["tokenizer.chat_template"] == "d"
 
 
 def test_read_blocks_are_whole_rows(stand_in):
