@@ -64,6 +64,9 @@ class Sampling:
     dry_allowed_length: int = 2
     dry_penalty_last_n: int = 64
     dry_sequence_breakers: tuple[str, ...] = DRY_BREAKERS
+    # (token, bias) pairs added to the raw logits before any other sampler, as llama-server does;
+    # a bias of -inf bans the token.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def penalized(self) -> bool:
@@ -276,8 +279,11 @@ class Engine:
                 llama_cpp.llama_sampler_free(chain)
                 raise R7BError("invalid grammar")
             add(grammar)
-        # As llama-server's chain: penalties, DRY, top-k, top-p, min-p, temperature, then the draw.
-        # The grammar is the chain's own; the history goes to the penalty samplers alone.
+        if s.logit_bias:
+            pairs = (llama_cpp.llama_logit_bias * len(s.logit_bias))(*s.logit_bias)
+            add(llama_cpp.llama_sampler_init_logit_bias(self.n_vocab, len(pairs), pairs))  # copies the pairs
+        # As llama-server's chain: logit bias, penalties, DRY, top-k, top-p, min-p, temperature, then
+        # the draw. The grammar is the chain's own; the history goes to the penalty samplers alone.
         seen = []
         if s.penalized and s.repeat_last_n != 0:
             last_n = self.n_ctx if s.repeat_last_n < 0 else min(s.repeat_last_n, self.n_ctx)

@@ -90,6 +90,8 @@ class Model(TurnAPI):
         control = engine.control_tokens()
         self.protector = Protector(control)
         self._stop_ids = frozenset(control[t] for t in STOP_TEXTS if t in control)
+        # What `ignore_eos` bans: every token that would end the turn.
+        self._end_ids = sorted(self._stop_ids | {t for t in control.values() if engine.is_eog(t)})
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, n_ctx: int = 8192, n_threads: int | None = None,
@@ -238,7 +240,7 @@ class Model(TurnAPI):
 
     def _generate_one(self, prompt: PreparedPrompt, sampling: dict[str, Any], seq: Any) -> Iterator[object]:
         """One answer's events on `seq` (the engine, or a slot); returns its `ChatResult`."""
-        sampler = Sampling(**{**sampling, "grammar": prompt.grammar})
+        sampler = self._sampling(sampling, prompt.grammar)
         evaluated = seq.prefill(prompt.tokens)
         parser = StreamParser(tool_call_ids=prompt.tool_call_ids, has_documents=prompt.has_documents)
         yield from parser.feed(prompt.prefix)
@@ -279,6 +281,14 @@ class Model(TurnAPI):
                           citations=parsed.citations, finish_reason=parsed.finish_reason or finish,
                           usage=usage, raw=prompt.prefix + raw_text, malformed=parsed.malformed,
                           error=parsed.error, parsed=parsed, logprobs=logprobs)
+
+    def _sampling(self, sampling: dict[str, Any], grammar: str | None) -> Sampling:
+        """`ignore_eos` bans the tokens that end a turn, as llama-server does: the answer runs to its limit."""
+        options = {k: v for k, v in sampling.items() if k != "ignore_eos"}
+        bias = tuple(options.pop("logit_bias", ()))
+        if sampling.get("ignore_eos"):
+            bias += tuple((t, float("-inf")) for t in self._end_ids)
+        return Sampling(**options, grammar=grammar, logit_bias=bias)
 
     def _logprob_entry(self, token: int, scored: tuple[float, list[tuple[int, float]]]) -> dict:
         logprob, best = scored

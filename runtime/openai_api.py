@@ -83,6 +83,10 @@ def to_request(req: ChatCompletionRequest, max_tokens: int | None = None) -> Cha
     sampling = {k: getattr(req, k) for k in SAMPLING_FIELDS if getattr(req, k) is not None}
     if req.dry_sequence_breakers is not None:
         sampling["dry_sequence_breakers"] = tuple(req.dry_sequence_breakers)
+    if req.logit_bias:
+        sampling["logit_bias"] = tuple({int(k): v for k, v in req.logit_bias.items()}.items())
+    if req.ignore_eos:
+        sampling["ignore_eos"] = True
     if req.top_logprobs and not req.logprobs:
         raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
     stop = [] if req.stop is None else [req.stop] if isinstance(req.stop, str) else list(req.stop)

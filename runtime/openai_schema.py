@@ -12,10 +12,12 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .request import MAX_N, MAX_TOP_LOGPROBS
+from .request import MAX_BIAS, MAX_N, MAX_TOP_LOGPROBS
 
 _STRICT = ConfigDict(strict=True, allow_inf_nan=False, populate_by_name=True)
 INT32_MAX = 2**31 - 1
+TokenId = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]
+Bias = Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS, allow_inf_nan=False)]
 
 
 class _Request(BaseModel):
@@ -170,6 +172,11 @@ class ChatCompletionRequest(_Request):
     dry_sequence_breakers: list[str] | None = Field(None, min_length=1, max_length=32, description="Extension: "
                                                     'strings that end a DRY sequence (default ["\\n", ":", '
                                                     '"\\"", "*"]).')
+    logit_bias: dict[TokenId, Bias] | None = Field(
+        None, description="Token id (as text) to a bias from -100 to 100, added to the model's logits before "
+                          "sampling: -100 all but bans a token, 100 all but forces it.")
+    ignore_eos: bool | None = Field(None, description="Extension, as llama-server: ban the tokens that end the turn, "
+                                                      "so the answer runs to `max_tokens` (for benchmarks).")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = Field(
@@ -181,7 +188,6 @@ class ChatCompletionRequest(_Request):
     enable_citations: bool | None = Field(None, description="Extension: the same as `citations_enabled`.")
     # Sent by common clients; a local llama.cpp model has nothing to do with them.
     user: str | None = Field(None, description=IGNORED)
-    logit_bias: dict[str, float] | None = Field(None, description=IGNORED)
     parallel_tool_calls: bool | None = Field(None, description=IGNORED + " The model may call several tools at once.")
     metadata: dict[str, str] | None = Field(None, description=IGNORED)
     store: bool | None = Field(None, description=IGNORED)

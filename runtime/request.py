@@ -25,6 +25,7 @@ from .protect import Protector
 TOOL_CHOICES = ("auto", "none", "required")
 MAX_N = 4  # answers per request (`n`)
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on `top_logprobs`
+MAX_BIAS = 100  # OpenAI's limit on a `logit_bias` value
 MAX_REPEAT = 2000  # llama.cpp's grammar parser refuses larger repetitions anyway
 SIZE_KEYS = frozenset({"minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties"})
 REPEAT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
@@ -62,7 +63,8 @@ class ChatRequest:
     grammar: str | None = None  # a GBNF grammar of the caller's own; overrides the two above
     constrain_tools: bool = False  # hold tool calls to the tools' schemas without forcing one
     max_tokens: int | None = None  # None: the rest of the context
-    sampling: dict[str, Any] = field(default_factory=dict)  # Sampling's fields
+    # Sampling's fields, and `ignore_eos`: ban the tokens that end the turn
+    sampling: dict[str, Any] = field(default_factory=dict)
     stop: list[str] = field(default_factory=list)
     n: int = 1  # independent answers to the same prompt (the prompt is evaluated once)
     logprobs: int | None = None  # None: off; k: each token's log-probability and the k likeliest alternatives
@@ -99,6 +101,7 @@ def prepare(model: PromptModel, req: ChatRequest) -> PreparedPrompt:
         raise RequestError(f"n must be between 1 and {MAX_N}", param="n")
     if req.logprobs is not None and not 0 <= req.logprobs <= MAX_TOP_LOGPROBS:
         raise RequestError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
+    check_logit_bias(req.sampling.get("logit_bias", ()), model.engine.n_vocab)
     with _client_errors("cannot build the prompt"):
         rendered = model.render(req.messages, req.tools, req.documents, template=req.template, mode=req.mode,
                                 safety=req.safety, enable_citations=req.wants_citations)
@@ -109,11 +112,26 @@ def prepare(model: PromptModel, req: ChatRequest) -> PreparedPrompt:
                            " (including the answer); shorten the messages", param="messages",
                            code="context_length_exceeded")
     prefix = START_RESPONSE if Protector.strip(rendered).endswith(START_RESPONSE) else ""
-    return PreparedPrompt(rendered=rendered, tokens=tokens, prefix=prefix,
-                          grammar=choose_grammar(req, response_open=not prefix),
+    grammar = choose_grammar(req, response_open=not prefix)
+    if grammar and req.sampling.get("ignore_eos"):
+        # a finished grammar allows nothing but the end of the turn, which ignore_eos bans
+        raise RequestError("ignore_eos cannot be combined with a grammar (tool_choice, response_format or grammar)",
+                           param="ignore_eos")
+    return PreparedPrompt(rendered=rendered, tokens=tokens, prefix=prefix, grammar=grammar,
                           max_tokens=min(req.max_tokens or room, room), stop=[s for s in req.stop if s],
                           tool_call_ids=tool_call_ids(req.messages), has_documents=bool(req.documents),
                           n=req.n, logprobs=req.logprobs)
+
+
+def check_logit_bias(pairs: Any, n_vocab: int) -> None:
+    """OpenAI's rule: token ids of the model's vocabulary, biases from -100 to 100."""
+    for tok, bias in pairs:
+        if not 0 <= tok < n_vocab:
+            raise RequestError(f"logit_bias: token {tok} is not in the vocabulary (ids 0 to {n_vocab - 1})",
+                               param="logit_bias")
+        if not -MAX_BIAS <= bias <= MAX_BIAS:
+            raise RequestError(f"logit_bias: the bias of token {tok} must be between -{MAX_BIAS} and {MAX_BIAS}",
+                               param="logit_bias")
 
 
 @contextlib.contextmanager

@@ -13,7 +13,8 @@ Command R7B extensions, all optional:
              `citations_enabled` (or `enable_citations`): ask for citations (default: on with documents);
              `top_k`, `min_p`: top-k and min-p sampling; `repeat_penalty`, `repeat_last_n` and DRY
              (`dry_multiplier`, `dry_base`, `dry_allowed_length`, `dry_penalty_last_n`,
-             `dry_sequence_breakers`), named as llama-server names them.
+             `dry_sequence_breakers`), named as llama-server names them; `ignore_eos`, as
+             llama-server: the answer runs to `max_tokens` (for benchmarks).
   response   `message.reasoning_content`: the tool plan the model writes before its tool calls;
              `message.citations`: `[{start, end, text, sources: [{tool_call_id, index}]}]`, spans of
              `content` grounded in documents (`tool_call_id` "0") or in tool results.

@@ -106,6 +106,7 @@ class TurnAPI:
              presence_penalty: float = 0.0, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
              dry_multiplier: float = 0.0, dry_base: float = 1.75, dry_allowed_length: int = 2,
              dry_penalty_last_n: int = 64, dry_sequence_breakers: Sequence[str] | None = None,
+             logit_bias: dict[int, float] | None = None, ignore_eos: bool = False,
              ) -> ChatResult | Iterator[object]:
         """One assistant turn. With stream=True, yields parser events and finally `Done(result)`.
 
@@ -119,6 +120,8 @@ class TurnAPI:
         result is the first, with all of them in `.choices` (a stream marks each with `Choice`).
         `logprobs` fills `result.logprobs` with each token's log-probability (softmax of the raw
         logits) and its `top_logprobs` likeliest alternatives; a stream sends `TokenLogprob` events.
+        `logit_bias` ({token id: -100 to 100}) is added to the logits before sampling; `ignore_eos`
+        bans the tokens that end the turn, so the answer runs to `max_tokens`.
         """
         if max_tokens < 1:
             raise R7BError("max_tokens must be at least 1")
@@ -129,6 +132,10 @@ class TurnAPI:
                     "dry_penalty_last_n": dry_penalty_last_n}
         if dry_sequence_breakers is not None:
             sampling["dry_sequence_breakers"] = tuple(dry_sequence_breakers)
+        if logit_bias:
+            sampling["logit_bias"] = tuple((int(t), float(b)) for t, b in logit_bias.items())
+        if ignore_eos:
+            sampling["ignore_eos"] = True
         request = ChatRequest(
             messages=list(messages), tools=tools, documents=documents, citations=enable_citations,
             tool_choice=tool_choice, response_format=response_format, grammar=grammar,

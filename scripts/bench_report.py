@@ -748,13 +748,12 @@ def md_serve(data: dict[str, Any]) -> list[str]:
             f"clients each server has N slots (`r7b serve --parallel N --n-ctx {plan['n_ctx']}`; `llama-server -np N "
             f"-c N×{plan['n_ctx']}`); r7b serial is `--parallel 1`. Each client streams one /v1/chat/completions "
             f"request (a different ~{plan['prompt_words']}-word user prompt, temperature 0, max_tokens "
-            f"{plan['max_tokens']}), all started together; tok/s is every client's completion tokens over the time "
+            f"{plan['max_tokens']}, `ignore_eos`, so every answer runs to the limit and each server does the same "
+            "work), all started together; tok/s is every client's completion tokens over the time "
             "to the last token; latency is a client's time to its last token. For each N the three servers are up "
             f"together and take turns, {plan['repeat']} recorded rounds each after one unrecorded round, in a "
             "rotating order; the rows show the median-throughput round, r7b/that the median of per-round ratios. "
-            "Greedy answers can differ between batched and one-at-a-time decoding (sums in another order tip "
-            "near-ties of this random-weights model), so some rounds end a client early at end-of-turn: tokens "
-            f"counts them. Background load: {data['busy']['serve']:.2f} cores.{missing}", "",
+            f"Background load: {data['busy']['serve']:.2f} cores.{missing}", "",
             *serve_bench.table(sv), goal, ""]
 
 def write_report(out: Path, data: dict[str, Any]) -> Path:

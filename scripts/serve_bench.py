@@ -4,9 +4,10 @@ For each number of clients N, a server with N slots is started on 127.0.0.1 (r7b
 llama-server -np N -c N*C), beside r7b serve --parallel 1 (serial), which stays up for all N. N
 clients then send one streaming /v1/chat/completions request each, at the same moment, each with a
 different user prompt of about --prompt-words words (held-out English), temperature 0, --max-tokens
-tokens. Recorded: aggregate tokens/s (completion tokens of all clients over the time from the first
-request to the last token), and per client the time to the first token and to the last one (median
-and max).
+tokens, with `ignore_eos` (both servers take it): every answer runs to the limit, so each server does
+the same work however the model would have ended its turns. Recorded: aggregate tokens/s (completion
+tokens of all clients over the time from the first request to the last token), and per client the
+time to the first token and to the last one (median and max).
 
 The servers take turns, round by round, in an order that rotates, so that the machine's drift (a
 VM's neighbours move these figures by 10 % from one minute to the next) hits them alike; the
@@ -149,13 +150,14 @@ def prompts(n: int, words: int) -> list[str]:
 def stream_chat(port: int, model: str, prompt: str, max_tokens: int, t0: float) -> dict[str, float]:
     """One streaming request; seconds from t0 to the first and last content chunk, and the tokens."""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True,
-                       "max_tokens": max_tokens, "temperature": 0, "stream_options": {"include_usage": True}})
+                       "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                       "stream_options": {"include_usage": True}})
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT_S)
     conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
     resp = conn.getresponse()
     if resp.status != 200:
         raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
-    first = last = None
+    first = last = end = None
     chunks, usage = 0, None
     for raw in resp:
         line = raw.decode("utf-8", "replace").strip()
@@ -164,14 +166,17 @@ def stream_chat(port: int, model: str, prompt: str, max_tokens: int, t0: float) 
         event = json.loads(line[5:])
         usage = event.get("usage") or usage
         for choice in event.get("choices") or []:
+            end = time.perf_counter() - t0
             delta = choice.get("delta") or {}
-            if delta.get("content") or delta.get("reasoning_content"):
-                last = time.perf_counter() - t0
+            if any(value for key, value in delta.items() if key != "role"):  # text, plan or tool call
+                last = end
                 first = first if first is not None else last
                 chunks += 1
     conn.close()
     tokens = (usage or {}).get("completion_tokens", chunks)
-    return {"ttft_s": first if first is not None else float("nan"), "last_s": last if last is not None else 0.0,
+    # an answer whose text a server held back to the end (control tokens only) arrives with its last chunk
+    end = end if end is not None else time.perf_counter() - t0
+    return {"ttft_s": first if first is not None else end, "last_s": last if last is not None else end,
             "tokens": tokens}
 
 

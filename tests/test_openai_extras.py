@@ -116,6 +116,46 @@ def test_stop_string_split_across_tokens(model):
     assert streamed == before
 
 
+def _first_choices(model, messages) -> tuple[str, list[int]]:
+    """The answer's opening the prompt writes, and the two likeliest first tokens, from the raw logits."""
+    from r7b.runtime.request import ChatRequest
+
+    prompt = model.prepare(ChatRequest(messages=messages))
+    model.engine.reset()
+    model.engine.prefill(prompt.tokens)
+    return prompt.prefix, [tok for tok, _ in model.engine.logprobs(0, top=2)[1]]
+
+
+def _piece(model, tok: int) -> str:
+    return model.engine.piece(tok).decode("utf-8", "replace")
+
+
+def test_logit_bias_moves_the_logits_before_sampling(model):
+    prefix, (top, second) = _first_choices(model, DARCY)
+    banned = model.chat(DARCY, temperature=0, max_tokens=1, logit_bias={top: -100})
+    assert banned.raw == prefix + _piece(model, second)
+    forced = model.engine.tokenize(" Madrid", special=False)[0]
+    assert model.chat(DARCY, temperature=0, max_tokens=4, logit_bias={forced: 100}).raw == prefix + _piece(
+        model, forced) * 4
+    for bias, message in (({model.engine.n_vocab: 1.0}, "not in the vocabulary"), ({5: 100.5}, "between -100")):
+        with pytest.raises(Exception, match=message):
+            model.chat(DARCY, logit_bias=bias)
+
+
+def test_ignore_eos_runs_the_answer_to_max_tokens(model):
+    from r7b.cohere2 import STOP_TEXTS
+
+    sampled = {"messages": DARCY, "temperature": 1.0, "max_tokens": 48}
+    ended = [seed for seed in range(8) if model.chat(**sampled, seed=seed).finish_reason == "stop"]
+    assert ended, "the stand-in ended no answer early: nothing to check"
+    for seed in ended[:3]:
+        long = model.chat(**sampled, seed=seed, ignore_eos=True)
+        assert long.finish_reason == "length" and long.usage.completion_tokens == 48
+        assert not any(stop in long.raw for stop in STOP_TEXTS)
+    with pytest.raises(Exception, match="ignore_eos cannot be combined with a grammar"):
+        model.chat(DARCY, ignore_eos=True, grammar='root ::= "yes"')
+
+
 def test_stop_scanner_never_lets_a_stop_string_out():
     from r7b.runtime.model import _StopScanner
 
@@ -149,6 +189,24 @@ def test_openai_client_penalties_and_extensions(client, server):
         assert reply.choices[0].message.content, body
     bad = server.post({"messages": DARCY, "repeat_penalty": 0})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "repeat_penalty"
+
+
+def test_openai_client_logit_bias_and_ignore_eos(client, server, model):
+    ask = dict(model=server.name, messages=DARCY, temperature=0, max_tokens=4)
+    forced = model.engine.tokenize(" Madrid", special=False)[0]
+    reply = client.chat.completions.create(**ask, logit_bias={str(forced): 100})
+    assert reply.choices[0].message.content.split() == [_piece(model, forced).strip()] * 4
+    sampled = dict(ask, temperature=1.0, max_tokens=48)
+    plain = [client.chat.completions.create(**sampled, seed=seed) for seed in range(6)]
+    assert any(r.choices[0].finish_reason == "stop" for r in plain), "no answer ended early: nothing to check"
+    for seed in range(6):
+        long = client.chat.completions.create(**sampled, seed=seed, extra_body={"ignore_eos": True})
+        assert long.choices[0].finish_reason == "length" and long.usage.completion_tokens == 48
+    for body, param in (({"logit_bias": {"x1": 5}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
+                        ({"logit_bias": {"999999999": 1}}, "logit_bias"),
+                        ({"ignore_eos": True, "response_format": {"type": "json_object"}}, "ignore_eos")):
+        bad = server.post({"messages": DARCY, **body})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param, (body, bad.text)
 
 
 def test_openai_client_logprobs(client, server):

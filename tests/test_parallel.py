@@ -26,7 +26,7 @@ SEARCH = {"type": "function", "function": {"name": "search", "description": "Sea
                                            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}
 DOCS = [{"title": "Tides", "text": "Tides are caused by the Moon's gravity pulling on the oceans."},
         {"title": "Sun", "text": "The Sun also raises smaller tides."}]
-# (messages, options), greedy: plain, tools, documents, logprobs, a stop string, two answers
+# (messages, options), greedy: plain, tools, documents, logprobs, a stop string, two answers, biased logits
 TURNS = [
     ([{"role": "user", "content": "Tell me about cats."}], {}),
     ([{"role": "user", "content": "Find the weather in Paris."}], {"tools": [SEARCH]}),
@@ -34,6 +34,7 @@ TURNS = [
     ([{"role": "user", "content": "Say hello."}], {"logprobs": True, "top_logprobs": 3}),
     ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count to ten."}], {"stop": ["5"]}),
     ([{"role": "user", "content": "Name a colour."}], {"n": 2}),
+    ([{"role": "user", "content": "Tell me about dogs."}], {"logit_bias": {9: -100, 35: 2.5}, "ignore_eos": True}),
 ]
 # sampled: rides in the same batches; a sampled answer may part from the serial one where float
 # sums in another order tip a draw, so it is only checked to finish
