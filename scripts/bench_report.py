@@ -756,6 +756,16 @@ def md_serve(data: dict[str, Any]) -> list[str]:
             f"Background load: {data['busy']['serve']:.2f} cores.{missing}", "",
             *serve_bench.table(sv), goal, ""]
 
+def _reruns_text(data: dict[str, Any]) -> str:
+    reruns = data.get("reruns") or {}
+    return "".join(f" The section \"{SECTION_TITLES[k]}\" was measured again alone "
+                   f"(`scripts/bench_report.py --rerun {k}`, {when}), on the same model files." for k, when in
+                   reruns.items())
+
+
+SECTION_TITLES = {"peers": "Flash attention and KV cache type by depth", "serve": "Serving: r7b serve against llama-server"}
+
+
 def write_report(out: Path, data: dict[str, Any]) -> Path:
     plan = data["plan"]
     head = ["# Benchmarks", "",
@@ -778,7 +788,7 @@ def write_report(out: Path, data: dict[str, Any]) -> Path:
             "separate process per side. "
             "Generation is greedy and ignores end-of-generation tokens. r7b/raw = 1.0 means the Python layer "
             f"costs nothing. Total time of this run: {data['total_s'] / 60:.1f} minutes"
-            f"{' (--quick: reduced sizes)' if plan == QUICK else ''}.", ""]
+            f"{' (--quick: reduced sizes)' if plan == QUICK else ''}.{_reruns_text(data)}", ""]
     body = md_summary(data) + md_machine(data) + md_speed(data) + md_bandwidth(data)
     for key, section in (("scaling", md_scaling), ("kv", md_kv), ("ttft", md_ttft), ("convert", md_convert)):
         if key in data:
@@ -821,20 +831,41 @@ def run(plan: Plan, work: Path, command: str, keep: Callable[[dict[str, Any]], N
         data["busy"][key] = busy.cores
         keep(data)
         log(f"{key} done")
-    quick = plan == QUICK
-    for key, fn in (("peers", lambda: peer_bench.run_all(models["Q4_K_M"], f16_path(work, plan),
-                                                         peer_bench.QUICK if quick else peer_bench.FULL, threads,
-                                                         work / "peers")),
-                    ("serve", lambda: serve_bench.serve_bench(models["Q4_K_M"], serve_bench.QUICK if quick
-                                                              else serve_bench.FULL, threads, work / "serve"))):
-        with BusyMeter() as busy:
-            data[key] = fn()
-        data["busy"][key] = busy.cores
-        data.setdefault("section_s", {})[key] = busy.wall_s
+    for key in PEER_SECTIONS:
+        run_peer_section(data, key, models["Q4_K_M"], work)
         keep(data)
-        log(f"{key} done")
     data["total_s"] = time.monotonic() - t0
     return data
+
+
+PEER_SECTIONS = ("peers", "serve")
+
+
+def run_peer_section(data: dict[str, Any], key: str, q4: Path, work: Path) -> None:
+    """One of the sections beside llama.cpp's tools, into `data` with its background load and wall time."""
+    quick = data["plan"] == QUICK
+    with BusyMeter() as busy:
+        if key == "peers":
+            data[key] = peer_bench.run_all(q4, f16_path(work, data["plan"]),
+                                           peer_bench.QUICK if quick else peer_bench.FULL, data["threads"],
+                                           work / "peers")
+        else:
+            data[key] = serve_bench.serve_bench(q4, serve_bench.QUICK if quick else serve_bench.FULL,
+                                                data["threads"], work / "serve")
+    data["busy"][key] = busy.cores
+    data.setdefault("section_s", {})[key] = busy.wall_s
+    log(f"{key} done")
+
+
+def rerun_section(data: dict[str, Any], key: str, work: Path) -> None:
+    """Measure one section again on the last run's model files; the report says when and on which commit."""
+    q4 = work / f"synth-{data['plan'].layers[0]}l-Q4_K_M.gguf"
+    if not q4.exists():
+        raise SystemExit(f"{q4} is missing: run the whole benchmark first")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    run_peer_section(data, key, q4, work)
+    data.setdefault("reruns", {})[key] = f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit}"
 
 
 def main() -> None:
@@ -844,14 +875,19 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "bench", help="folder for the model files")
     ap.add_argument("--render", action="store_true",
                     help="only rewrite the report from the last run's measurements (WORK/report-data.pickle)")
+    ap.add_argument("--rerun", choices=PEER_SECTIONS,
+                    help="measure this section again and rewrite the report with it (the others as last run)")
     args = ap.parse_args()
     plan = QUICK if args.quick else FULL
     out = args.out or (ROOT / "build" / "bench-quick" if args.quick else ROOT / "docs")
     out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     saved = args.work / ("report-data-quick.pickle" if args.quick else "report-data.pickle")
-    if args.render:
+    if args.render or args.rerun:
         data = pickle.loads(saved.read_bytes())
+        if args.rerun:
+            rerun_section(data, args.rerun, args.work)
+            saved.write_bytes(pickle.dumps(data))
     else:
         partial = saved.with_suffix(".partial.pickle")
         data = run(plan, args.work, "make bench" if not args.quick else "scripts/bench_report.py --quick",
