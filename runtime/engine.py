@@ -164,6 +164,10 @@ class Engine:
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
+    def ends_turn(self, token: int, stop_ids: frozenset[int], ignore_eog: bool = False) -> bool:
+        """A stop id, or end of generation unless the caller ignores it (a benchmark)."""
+        return token in stop_ids or (not ignore_eog and self.is_eog(token))
+
     def metadata(self, key: str) -> str | None:
         return self.model.metadata(key)
 
@@ -243,7 +247,7 @@ class Engine:
             for _ in range(min(max_tokens, room)):
                 tok = llama_cpp.llama_sampler_sample(sampler, self._ctx, -1)
                 yield tok
-                if tok in stop_ids or (not ignore_eog and llama_cpp.llama_vocab_is_eog(self._vocab, tok)):
+                if self.ends_turn(tok, stop_ids, ignore_eog):
                     return
                 self._token_buf[0] = tok
                 if llama_cpp.llama_decode(self._ctx, llama_cpp.llama_batch_get_one(self._token_buf, 1)) != 0:

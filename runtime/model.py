@@ -258,7 +258,7 @@ class Model(TurnAPI):
                     logprobs.append(entry)
                     yield TokenLogprob(entry)
                 piece = text_out.push(tok)
-                if tok in self._stop_ids or self.engine.is_eog(tok):
+                if self.engine.ends_turn(tok, self._stop_ids):
                     raw.append(piece)
                     yield from parser.feed(holdback.flush() + piece)
                     finish = "stop"

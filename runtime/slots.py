@@ -220,11 +220,6 @@ class SlotPool:
                 self._after(plan, rc)
                 self.cond.notify_all()
 
-    def _ends_turn(self, slot: Slot, tok: int) -> bool:
-        """A stop id, or end of generation unless the turn ignores it."""
-        return tok in slot.stop_ids or (not slot.ignore_eog and
-                                        bool(llama_cpp.llama_vocab_is_eog(self.engine.model.vocab, tok)))
-
     def _wait_for_work(self) -> bool:
         """Until some slot has work and no generating slot waits for its reader (or a short grace has
         passed, so that the slots' tokens share a batch); False when closing."""
@@ -310,7 +305,7 @@ class SlotPool:
         tok = llama_cpp.llama_sampler_sample(slot.sampler, self.engine._ctx, row)
         scored = self.engine.logprobs(tok, slot.logprob_top, row) if slot.logprob_top is not None else None
         slot.budget -= 1
-        ends = self._ends_turn(slot, tok)
+        ends = self.engine.ends_turn(tok, slot.stop_ids, slot.ignore_eog)
         slot.out.append((tok, scored, ends))
         slot.feed = tok if slot.budget > 0 and not ends else None
 

@@ -37,6 +37,7 @@ import synthetic_model  # noqa: E402
 
 from r7b.quality import bench  # noqa: E402
 from r7b.cohere2 import COMMAND_R7B  # noqa: E402
+from r7b.fsutil import atomic_output  # noqa: E402
 from r7b.memory import GIB, MIB, format_bytes, kv_cache_bytes, pad  # noqa: E402
 from r7b.quality.report import log, machine, md_table  # noqa: E402
 
@@ -631,6 +632,13 @@ def _cell(v: float | None, digits: int = 2) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
+MATRIX_TITLE = "Flash attention and KV cache type by depth"
+PEER_CHECKS_TITLE = "r7b beside llama.cpp's tools: quantize, imatrix, eval"
+SERVE_TITLE = "Serving: r7b serve against llama-server"
+RERUN_SECTIONS = {"peers": f'The sections from "{MATRIX_TITLE}" to "{PEER_CHECKS_TITLE}" were',
+                  "serve": f'The section "{SERVE_TITLE}" was'}
+
+
 def md_matrix(data: dict[str, Any]) -> list[str]:
     """llama-bench and r7b bench over flash attention × KV type × depth."""
     peers = data["peers"]
@@ -650,7 +658,7 @@ def md_matrix(data: dict[str, Any]) -> list[str]:
             cells.append(used)
             rows.append(cells)
     pp, tg = f"pp{plan.prompt}", f"tg{plan.gen}"
-    return ["## Flash attention and KV cache type by depth", "",
+    return [f"## {MATRIX_TITLE}", "",
             f"Synthetic Q4_K_M, {data['threads']} threads, batch 512. llama-bench: `-p {plan.prompt} -n {plan.gen} "
             f"-d {','.join(map(str, plan.depths))} -fa 0|1 -ctk/-ctv f16|q8_0 -b 512 -ub 512 -r {plan.repeat}` "
             "(mean t/s); a q8_0 V cache needs flash attention, so fa off is run with f16 only. r7b: "
@@ -727,7 +735,7 @@ def md_peer_checks(data: dict[str, Any]) -> list[str]:
              "imatrix": "`r7b imatrix` vs llama-imatrix (values within 1e-4 relative)",
              "eval": "`r7b eval` vs `llama-perplexity --kl-divergence` (mean KLD within 1%)"}
     rows = [(names[k], "pass" if v["ok"] else "FAIL", v["line"]) for k, v in checks.items()]
-    return ["## r7b beside llama.cpp's tools: quantize, imatrix, eval", "",
+    return [f"## {PEER_CHECKS_TITLE}", "",
             "The comparisons of tests/test_peers.py (which `make test` runs on the stand-in), here on the synthetic "
             f"{data['plan'].layers[0]}-layer F16 and its quantizations; same text (held-out English), context, "
             "chunks, KV type and flash-attention mode on both sides.", "",
@@ -742,7 +750,7 @@ def md_serve(data: dict[str, Any]) -> list[str]:
             f"{_cell(g['vs_llama_server'])} (goal ≥ 1.0)." if g["vs_serial"] or g["vs_llama_server"] else
             "4 clients were not run.")
     missing = "" if sv["parallel_flag"] else (" This r7b serve has no --parallel, so only one client was run.")
-    return ["## Serving: r7b serve against llama-server", "",
+    return [f"## {SERVE_TITLE}", "",
             f"Synthetic Q4_K_M, {sv['threads']} threads, {plan['n_ctx']} tokens of context per slot, batch 512, KV "
             f"{sv['kv_type']}, flash attention {sv['flash_attn']} (run as {sv['flash_attn_used']} on both). For N "
             f"clients each server has N slots (`r7b serve --parallel N --n-ctx {plan['n_ctx']}`; `llama-server -np N "
@@ -756,14 +764,11 @@ def md_serve(data: dict[str, Any]) -> list[str]:
             f"Background load: {data['busy']['serve']:.2f} cores.{missing}", "",
             *serve_bench.table(sv), goal, ""]
 
+
 def _reruns_text(data: dict[str, Any]) -> str:
     reruns = data.get("reruns") or {}
-    return "".join(f" The section \"{SECTION_TITLES[k]}\" was measured again alone "
-                   f"(`scripts/bench_report.py --rerun {k}`, {when}), on the same model files." for k, when in
-                   reruns.items())
-
-
-SECTION_TITLES = {"peers": "Flash attention and KV cache type by depth", "serve": "Serving: r7b serve against llama-server"}
+    return "".join(f" {RERUN_SECTIONS[k]} measured again alone (`scripts/bench_report.py --rerun {k}`, {when}), "
+                   "on the same model files." for k, when in reruns.items())
 
 
 def write_report(out: Path, data: dict[str, Any]) -> Path:
@@ -868,6 +873,12 @@ def rerun_section(data: dict[str, Any], key: str, work: Path) -> None:
     data.setdefault("reruns", {})[key] = f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit}"
 
 
+def _save(path: Path, data: dict[str, Any]) -> None:
+    """Replace the measurements whole: an interrupted write leaves the last ones as they were."""
+    with atomic_output(path, force=True) as tmp:
+        tmp.write_bytes(pickle.dumps(data))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="every step at small sizes (writes to build/ by default)")
@@ -887,12 +898,12 @@ def main() -> None:
         data = pickle.loads(saved.read_bytes())
         if args.rerun:
             rerun_section(data, args.rerun, args.work)
-            saved.write_bytes(pickle.dumps(data))
+            _save(saved, data)
     else:
         partial = saved.with_suffix(".partial.pickle")
         data = run(plan, args.work, "make bench" if not args.quick else "scripts/bench_report.py --quick",
                    keep=lambda sections: partial.write_bytes(pickle.dumps(sections)))
-        saved.write_bytes(pickle.dumps(data))
+        _save(saved, data)
         partial.unlink(missing_ok=True)
     plot_all(out, data)
     log(f"wrote {write_report(out, data)}")
